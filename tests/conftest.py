@@ -1,0 +1,5 @@
+"""Shared fixtures. Each rig lives in its own plugin module."""
+pytest_plugins = [
+    "tests.rig.object_stores",
+    "tests.oracle.flytekit_env",
+]
