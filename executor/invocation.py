@@ -1,0 +1,53 @@
+"""The one internal model: what to run (Invocation) and what came of it (Result).
+
+Every front-end (pyflyte-execute, pyflyte-map-execute, later a0, run, serve) builds an Invocation;
+nothing downstream looks at argv again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_RESOLVER = "flytekit.core.python_auto_container.default_task_resolver"
+MAP_RESOLVER = "flytekit.core.array_node_map_task.ArrayNodeMapTaskResolver"
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """An ArrayNode map task: run element `index` of every input not in `bound_inputs`."""
+
+    index: int
+    bound_inputs: frozenset[str]
+    max_concurrency: int | None = None
+
+
+@dataclass(frozen=True)
+class Invocation:
+    inputs_uri: str
+    output_prefix: str
+    resolver: str
+    resolver_args: tuple[str, ...]
+    raw_output_prefix: str | None = None
+    checkpoint_path: str | None = None
+    prev_checkpoint: str | None = None
+    dynamic_addl_distro: str | None = None
+    dynamic_dest_dir: str | None = None
+    is_map_task: bool = False
+    max_concurrency: int | None = None
+    test: bool = False
+    protocol: str = "flyte1"
+
+    @property
+    def raw_output_prefix_or_default(self) -> str:
+        # Without a rendered raw-output prefix, keep offloaded data next to the outputs rather than
+        # in a local temp dir that dies with the pod.
+        if self.raw_output_prefix:
+            return self.raw_output_prefix
+        return self.output_prefix.rstrip("/") + "/raw"
+
+
+@dataclass
+class Result:
+    outcome: str  # "success" | "failure" | "ignored" | "test"
+    exit_code: int
+    written: list[str] = field(default_factory=list)
+    failure_code: str | None = None

@@ -1,0 +1,132 @@
+"""Resolver arguments -> a Runnable: a plain typed function, or a flytekit task run through flytekit.
+
+flytekit's default resolver is `getattr(importlib.import_module(M), T)`; we do the same without
+importing flytekit, and only hand over to flytekit when the attribute turns out to be its task.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from executor.errors import TaskFailure
+from executor.invocation import DEFAULT_RESOLVER, MAP_RESOLVER, Invocation, MapSpec
+
+
+def load(invocation: Invocation):
+    _put_cwd_on_path()
+    if invocation.resolver == DEFAULT_RESOLVER:
+        obj, name = _load_default(invocation.resolver_args)
+        return _runnable(obj, name, invocation, map_spec=None)
+    if invocation.resolver == MAP_RESOLVER:
+        return _load_map(invocation)
+    return _load_custom(invocation)
+
+
+def _put_cwd_on_path() -> None:
+    # As flytekit does: the working directory is importable, after everything already on sys.path.
+    cwd = os.getcwd()
+    if all(os.path.realpath(p or ".") != cwd for p in sys.path):
+        sys.path.append(cwd)
+
+
+def _load_default(args: tuple[str, ...]):
+    if len(args) < 4 or args[0] != "task-module" or args[2] != "task-name":
+        raise TaskFailure(
+            "IMPORT",
+            f"resolver arguments {list(args)} are not 'task-module <module> task-name <name>'",
+            hint=f"{DEFAULT_RESOLVER} expects exactly that form after '--'",
+        )
+    module_name, attr = args[1], args[3]
+    module = import_task_module(module_name)
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        candidates = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))[:20]
+        raise TaskFailure(
+            "IMPORT",
+            f"module {module_name!r} has no attribute {attr!r}",
+            hint=f"callables it does define: {', '.join(candidates) or 'none'}",
+        ) from None
+    return obj, f"{module_name}.{attr}"
+
+
+def import_task_module(module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            raise TaskFailure(
+                "IMPORT",
+                f"cannot import task module {module_name!r}: no module named {e.name!r}",
+                cause=e,
+                hint=f"is the code in the image or the bundle? cwd={os.getcwd()}, sys.path={sys.path[:6]}",
+            ) from None
+        raise TaskFailure(
+            "IMPORT",
+            f"task module {module_name!r} failed to import: {type(e).__name__}: {e}",
+            cause=e,
+            hint="a dependency the task module imports is not installed in the image",
+        ) from None
+    except BaseException as e:  # SyntaxError, errors raised at import time, even SystemExit
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise TaskFailure(
+            "IMPORT", f"task module {module_name!r} failed to import: {type(e).__name__}: {e}", cause=e
+        ) from None
+
+
+def _load_map(invocation: Invocation):
+    args = invocation.resolver_args
+    if len(args) < 4 or args[0] != "vars" or args[2] != "resolver":
+        raise TaskFailure(
+            "IMPORT",
+            f"map resolver arguments {list(args)} are not 'vars <a,b> resolver <inner resolver> <inner args>'",
+        )
+    bound = frozenset(v for v in args[1].split(",") if v)
+    inner_resolver, inner_args = args[3], tuple(args[4:])
+    if inner_resolver != DEFAULT_RESOLVER:
+        return _load_custom(invocation)
+    obj, name = _load_default(inner_args)
+    spec = MapSpec(index=array_index(), bound_inputs=bound, max_concurrency=invocation.max_concurrency)
+    return _runnable(obj, name, invocation, map_spec=spec)
+
+
+def array_index() -> int:
+    """flytekit's formula: BATCH_JOB_ARRAY_INDEX_OFFSET + int(env[env[BATCH_JOB_ARRAY_INDEX_VAR_NAME]])."""
+    offset_text = os.environ.get("BATCH_JOB_ARRAY_INDEX_OFFSET") or "0"
+    var_name = os.environ.get("BATCH_JOB_ARRAY_INDEX_VAR_NAME")
+    index_text = os.environ.get(var_name, "0") if var_name else "0"
+    try:
+        return int(offset_text) + int(index_text)
+    except ValueError:
+        raise TaskFailure(
+            "INPUT_DECODE",
+            f"cannot compute the map-task index: BATCH_JOB_ARRAY_INDEX_OFFSET={offset_text!r}, "
+            f"{var_name or 'BATCH_JOB_ARRAY_INDEX_VAR_NAME'}={index_text!r} are not integers",
+        ) from None
+
+
+def _is_flytekit_task(obj) -> bool:
+    return any(cls.__module__.startswith("flytekit.") for cls in type(obj).__mro__)
+
+
+def _runnable(obj, name: str, invocation: Invocation, map_spec: MapSpec | None):
+    if _is_flytekit_task(obj):
+        from executor.runnables.flytekit_task import FlytekitTask
+
+        if map_spec is not None:
+            return FlytekitTask.load_map(invocation, name)
+        return FlytekitTask(obj, name, invocation)
+    if callable(obj):
+        from executor.runnables.plain import PlainFunction
+
+        return PlainFunction.from_callable(obj, name, map_spec)
+    raise TaskFailure("IMPORT", f"{name} is a {type(obj).__name__}, not a task or a function")
+
+
+def _load_custom(invocation: Invocation):
+    """Any other resolver is flytekit's business: load it through flytekit, as its entrypoint would."""
+    from executor.runnables.flytekit_task import FlytekitTask
+
+    return FlytekitTask.load_with_resolver(invocation)

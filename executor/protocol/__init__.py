@@ -1,0 +1,1 @@
+"""Wire formats: what a Flyte backend hands the pod and reads back."""
