@@ -41,7 +41,7 @@ def _phase(name: str, diagnostics: Diagnostics):
         raise
     except storage.StorageError as e:
         code = "OUTPUT_UPLOAD" if name == "upload" else "SYSTEM"
-        failure = TaskFailure(code, str(e), cause=e, recoverable=e.transient or code == "SYSTEM")
+        failure = TaskFailure(code, str(e), cause=e)
         failure.phase = name
         raise failure from None
     except Exception as e:

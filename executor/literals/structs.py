@@ -106,6 +106,8 @@ def from_plain(data: typing.Any, tp: typing.Any, path: str) -> typing.Any:
         return {k: from_plain(v, inner, f"{path}[{k!r}]") for k, v in data.items()}
     if tp is float and isinstance(data, int) and not isinstance(data, bool):
         return float(data)
+    if tp is int and isinstance(data, float) and data.is_integer():  # JSON structs carry every number as float
+        return int(data)
     if isinstance(tp, type) and not isinstance(data, tp):
         raise StructError(f"{path}: expected {tp.__name__}, got {type(data).__name__} {data!r}")
     return data

@@ -104,6 +104,11 @@ class PlainFunction:
 
                 return asyncio.run(self.fn(**kwargs))
             return self.fn(**kwargs)
+        except SystemExit as e:
+            raise TaskFailure(
+                "USER", f"the task called sys.exit({e.code!r}) instead of returning", cause=e,
+                hint="return a value, or raise an exception that says what went wrong",
+            ) from None
         except Exception as e:
             raise TaskFailure(
                 "USER", f"{type(e).__name__}: {e}", cause=e, recoverable=is_marked_recoverable(e)

@@ -1,0 +1,92 @@
+"""The argv front-ends: flytekit's flags exactly, usage errors exit 2 and name the flag."""
+from __future__ import annotations
+
+import pytest
+
+from executor.cli import UsageError, parse_flyte1
+from tests.helpers import DEFAULT_RESOLVER, MAP_RESOLVER, run_executor
+
+BASE = ["--inputs", "s3://b/in/inputs.pb", "--output-prefix", "s3://b/out"]
+TAIL = ["--resolver", DEFAULT_RESOLVER, "--", "task-module", "m", "task-name", "t"]
+
+
+def test_full_flytekit_argv():
+    inv = parse_flyte1("pyflyte-execute", BASE + [
+        "--raw-output-data-prefix", "s3://b/raw", "--checkpoint-path", "s3://b/ck", "--prev-checkpoint", "s3://b/prev",
+        "--dynamic-addl-distro", "s3://b/fast123.tar.gz", "--dynamic-dest-dir", "/root", "--test"] + TAIL)
+    assert inv.inputs_uri == "s3://b/in/inputs.pb" and inv.output_prefix == "s3://b/out"
+    assert inv.raw_output_prefix == "s3://b/raw" and inv.checkpoint_path == "s3://b/ck" and inv.prev_checkpoint == "s3://b/prev"
+    assert inv.dynamic_addl_distro == "s3://b/fast123.tar.gz" and inv.dynamic_dest_dir == "/root"
+    assert inv.test and inv.resolver == DEFAULT_RESOLVER
+    assert inv.resolver_args == ("task-module", "m", "task-name", "t")
+
+
+@pytest.mark.parametrize("value", ['""', "", "{{.prevCheckpointPrefix}}"])
+def test_prev_checkpoint_none_forms(value):
+    inv = parse_flyte1("pyflyte-execute", BASE + ["--prev-checkpoint", value] + TAIL)
+    assert inv.prev_checkpoint is None
+
+
+def test_unrendered_optional_templates_mean_none():
+    inv = parse_flyte1("pyflyte-execute", BASE + [
+        "--raw-output-data-prefix", "{{.rawOutputDataPrefix}}", "--checkpoint-path", "{{.checkpointOutputPrefix}}"] + TAIL)
+    assert inv.raw_output_prefix is None and inv.checkpoint_path is None
+    assert inv.raw_output_prefix_or_default == "s3://b/out/raw"
+
+
+def test_map_execute_flags():
+    inv = parse_flyte1("pyflyte-map-execute", BASE + ["--max-concurrency", "4", "--resolver", MAP_RESOLVER, "--",
+                                                      "vars", "", "resolver", DEFAULT_RESOLVER, "task-module", "m", "task-name", "t"])
+    assert inv.is_map_task and inv.max_concurrency == 4 and inv.resolver == MAP_RESOLVER
+    assert inv.resolver_args[:4] == ("vars", "", "resolver", DEFAULT_RESOLVER)
+
+
+def test_resolver_args_keep_dashes_after_separator():
+    inv = parse_flyte1("pyflyte-execute", BASE + ["--resolver", "my.resolver", "--", "--weird", "arg"])
+    assert inv.resolver_args == ("--weird", "arg")
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--output-prefix", "x"] + TAIL, "--inputs"),
+    (["--inputs", "x"] + TAIL, "--output-prefix"),
+    (BASE + ["--bogus", "1"] + TAIL, "--bogus"),
+    (BASE + ["--max-concurrency", "2"] + TAIL, "--max-concurrency"),  # only map-execute takes it
+    (["--inputs", "{{.input}}", "--output-prefix", "x"] + TAIL, "--inputs"),
+    (BASE + ["--resolver", DEFAULT_RESOLVER], "resolver arguments"),
+])
+def test_usage_errors_name_the_flag(argv, flag):
+    with pytest.raises(UsageError) as info:
+        parse_flyte1("pyflyte-execute", argv)
+    assert flag in str(info.value)
+
+
+def test_map_execute_requires_resolver():
+    with pytest.raises(UsageError, match="--resolver"):
+        parse_flyte1("pyflyte-map-execute", BASE + ["--", "vars", "", "resolver", DEFAULT_RESOLVER])
+
+
+def test_max_concurrency_must_be_int():
+    with pytest.raises(UsageError, match="--max-concurrency"):
+        parse_flyte1("pyflyte-map-execute", BASE + ["--max-concurrency", "many", "--resolver", MAP_RESOLVER, "--", "vars"])
+
+
+def test_usage_error_exits_2_in_a_real_process(tmp_path):
+    run = run_executor(["pyflyte-execute", "--output-prefix", str(tmp_path)])
+    assert run.returncode == 2
+    assert "--inputs" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written: there is no invocation yet
+
+
+def test_unknown_command_exits_2():
+    run = run_executor(["pyflyte-frobnicate"])
+    assert run.returncode == 2 and "unknown command" in run.stderr
+
+
+def test_help_and_version():
+    run = run_executor(["--help"])
+    assert run.returncode == 0 and "pyflyte-execute" in run.stdout
+    run = run_executor(["pyflyte-execute", "--help"])
+    assert run.returncode == 0 and "--raw-output-data-prefix" in run.stdout
+    run = run_executor(["version"])
+    assert run.returncode == 0 and run.stdout.startswith("executor ")
