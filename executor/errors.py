@@ -99,15 +99,21 @@ def is_marked_recoverable(exc: BaseException) -> bool:
 
 
 _EXECUTOR_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_STDLIB_DIR = os.path.dirname(os.__file__) + os.sep
 _HIDDEN_MARKERS = (
     _EXECUTOR_DIR,
     f"{os.sep}flytekit{os.sep}",
     f"{os.sep}flyte{os.sep}_internal{os.sep}",
     "<frozen importlib",
+    f"{os.sep}importlib{os.sep}__init__.py",
 )
 
 
 def _is_user_frame(filename: str) -> bool:
+    # The standard library's frames (importlib, asyncio, concurrent.futures) are plumbing, not the user's;
+    # third-party packages in site-packages stay: the user called them.
+    if filename.startswith(_STDLIB_DIR) and "site-packages" not in filename:
+        return False
     return not any(marker in filename for marker in _HIDDEN_MARKERS)
 
 

@@ -101,7 +101,9 @@ class FlytekitTask:
             cause = e.__cause__ or e.value
             code = "INPUT_DECODE" if _raised_in(cause, "_literal_map_to_python_input") else "OUTPUT_ENCODE"
             what = "inputs could not be converted" if code == "INPUT_DECODE" else "the return value could not be converted"
-            raise TaskFailure(code, f"{what}: {type(cause).__name__}: {cause}", cause=cause) from None
+            failure = TaskFailure(code, f"{what}: {type(cause).__name__}: {cause}", cause=cause)
+            failure.phase = "inputs" if code == "INPUT_DECODE" else "outputs"  # flytekit converts inside its call
+            raise failure from None
         except FlyteUploadDataException as e:
             raise TaskFailure("OUTPUT_UPLOAD", f"uploading an output failed: {e}", cause=e) from None
         except FlyteDownloadDataException as e:
