@@ -16,6 +16,7 @@ from executor import logs, storage
 from executor.errors import Diagnostics, TaskFailure, render_message
 from executor.invocation import Invocation, Result
 from executor.protocol import flyte1
+from executor.protocol.offload import offload_large_outputs
 
 # A failure that escapes a phase unclassified gets this code.
 PHASE_DEFAULT_CODE = {
@@ -85,6 +86,7 @@ def run_invocation(invocation: Invocation) -> Result:
                 value = runnable.call(prepared)
             with _phase("outputs", diagnostics):
                 files = runnable.encode_outputs(value)
+                files = offload_large_outputs(files, invocation.output_prefix, runnable.output_literal_types())
         with _phase("upload", diagnostics):
             written = []
             for name, message in files.items():

@@ -222,3 +222,39 @@ def test_map_index_out_of_range(tmp_path):
     run.prefix = prefix
     err = _assert_error(run, "INPUT_DECODE", Origin.SYSTEM, Kind.NON_RECOVERABLE, "inputs")
     assert "element 7" in err.message and "3 elements" in err.message
+
+
+def test_large_outputs_are_offloaded_like_flytekit(tmp_path):
+    from flyteidl.core import literals_pb2
+
+    inputs = write_inputs(tmp_path / "inputs.pb", {"n": 300_000}, {"n": int})
+    prefix = tmp_path / "out"
+    run = run_executor(pyflyte_execute_args(inputs, prefix, "tests.sample_tasks.big", "big_list"),
+                       env={"_F_L_MIN_SIZE_MB": "1"})
+    run.prefix = prefix
+    assert run.returncode == 0, run.stderr
+    assert run.files() == ["o0_offloaded_metadata.pb", "outputs.pb"]
+    pointer = run.outputs().literals["o0"]
+    assert pointer.offloaded_metadata.uri == f"{prefix}/o0_offloaded_metadata.pb"
+    assert pointer.offloaded_metadata.inferred_type.collection_type.simple == 1  # INTEGER
+    assert pointer.hash
+    full = literals_pb2.Literal()
+    full.ParseFromString((prefix / "o0_offloaded_metadata.pb").read_bytes())
+    assert pointer.offloaded_metadata.size_bytes == full.ByteSize()
+    assert len(full.collection.literals) == 300_000 and full.collection.literals[-1].scalar.primitive.integer == 299_999
+
+
+def test_offloaded_input_is_read(tmp_path):
+    from flyteidl.core import literals_pb2
+
+    from executor.literals import Context, to_literal
+
+    lit = to_literal(21, int, Context())
+    (tmp_path / "x.pb").write_bytes(lit.SerializeToString())
+    m = literals_pb2.LiteralMap()
+    m.literals["x"].offloaded_metadata.uri = str(tmp_path / "x.pb")
+    (tmp_path / "inputs.pb").write_bytes(m.SerializeToString())
+    prefix = tmp_path / "out"
+    run = run_executor(pyflyte_execute_args(tmp_path / "inputs.pb", prefix, M, "double"))
+    run.prefix = prefix
+    assert run.outputs().literals["o0"].scalar.primitive.integer == 42

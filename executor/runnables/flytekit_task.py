@@ -109,6 +109,16 @@ class FlytekitTask:
         except FlyteDownloadDataException as e:
             raise TaskFailure("SYSTEM", f"downloading an input failed: {e}", cause=e) from None
 
+    def output_literal_types(self) -> dict:
+        types = {}
+        for name, variable in self.task.interface.outputs.items():
+            lt = variable.type
+            # A map task's interface holds collections; each element's output has the inner type (as flytekit).
+            if self.invocation.is_map_task and lt.collection_type is not None:
+                lt = lt.collection_type
+            types[name] = lt.to_flyte_idl()
+        return types
+
     def encode_outputs(self, outputs) -> dict:
         from flytekit.core.promise import VoidPromise
         from flytekit.models import dynamic_job, literals as literal_models

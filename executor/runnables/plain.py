@@ -114,6 +114,11 @@ class PlainFunction:
                 "USER", f"{type(e).__name__}: {e}", cause=e, recoverable=is_marked_recoverable(e)
             ) from None
 
+    def output_literal_types(self) -> dict:
+        from executor.literals.types import literal_type
+
+        return {name: literal_type(tp) for name, tp in self.outputs}
+
     def encode_outputs(self, value) -> dict:
         if not self.outputs:
             return {OUTPUTS_FILE: literals_pb2.LiteralMap()}

@@ -1,0 +1,2 @@
+def big_list(n: int) -> list[int]:
+    return list(range(n))
