@@ -1,0 +1,187 @@
+"""Building bundles deterministically, and extracting them safely in process (no `tar` binary).
+
+Extraction refuses absolute paths, `..`, links that leave the root, devices, fifos and
+setuid/setgid bits, and caps total size, file count and compression ratio. A refusal raises
+UnsafeBundle naming the member; the caller extracts into a staging directory and throws it away.
+"""
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import gzip
+import os
+import shutil
+import stat
+import tarfile
+from dataclasses import dataclass
+
+from executor.bundle.digest import content_digest, list_files
+
+# flytekit's STANDARD_IGNORE_PATTERNS and the directories it never walks
+STANDARD_IGNORE = ("*.pyc", ".cache", ".cache/*", "__pycache__", "**/__pycache__")
+SKIP_DIRS = frozenset({".git"})
+FIXED_MTIME = datetime.datetime(1980, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
+
+
+class UnsafeBundle(Exception):
+    def __init__(self, member: str, reason: str):
+        super().__init__(f"member {member!r}: {reason}")
+        self.member = member
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_total_bytes: int = 4 << 30
+    max_files: int = 200_000
+    max_ratio: float = 200.0  # uncompressed / compressed; zip bombs run to thousands
+
+    @classmethod
+    def from_env(cls) -> "Limits":
+        env = os.environ
+        return cls(
+            max_total_bytes=int(env.get("EXECUTOR_BUNDLE_MAX_BYTES", cls.max_total_bytes)),
+            max_files=int(env.get("EXECUTOR_BUNDLE_MAX_FILES", cls.max_files)),
+            max_ratio=float(env.get("EXECUTOR_BUNDLE_MAX_RATIO", cls.max_ratio)),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+def _ignored(rel: str, patterns: list[str]) -> bool:
+    parts = rel.split(os.sep)
+    for pattern in patterns:
+        if fnmatch.fnmatch(rel, pattern) or any(fnmatch.fnmatch(p, pattern) for p in parts):
+            return True
+    return False
+
+
+def _ignore_patterns(source: str) -> list[str]:
+    patterns = list(STANDARD_IGNORE)
+    for name in (".flyteignore", ".dockerignore"):
+        path = os.path.join(source, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                patterns += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    return patterns
+
+
+def _strip(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.mtime = FIXED_MTIME
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.pax_headers = {}
+    return info
+
+
+def build(source: str, out_dir: str) -> str:
+    """Write `fast<digest>.tar.gz` for `source` into out_dir (same name and digest as flytekit's)."""
+    patterns = _ignore_patterns(source)
+    files = [rel for rel in list_files(source, SKIP_DIRS) if not _ignored(rel, patterns)]
+    digest = content_digest(source, files)
+    os.makedirs(out_dir, exist_ok=True)
+    archive = os.path.join(out_dir, f"fast{digest}.tar.gz")
+    tar_path = archive + ".tar.tmp"
+    with tarfile.open(tar_path, "w") as tar:
+        for rel in files:
+            tar.add(os.path.join(source, rel), arcname=rel, recursive=False, filter=_strip)
+    tmp = archive + ".tmp"
+    with open(tar_path, "rb") as raw, open(tmp, "wb") as out:
+        # flytekit: GzipFile(filename=archive, mtime=0), which records the archive's name in the header
+        with gzip.GzipFile(filename=archive, mode="wb", mtime=0, fileobj=out) as gz:
+            shutil.copyfileobj(raw, gz)
+    os.unlink(tar_path)
+    os.replace(tmp, archive)
+    return archive
+
+
+# ---------------------------------------------------------------------------------------------
+# Extracting
+
+
+def _member_path(name: str) -> str:
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        raise UnsafeBundle(name, "absolute path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeBundle(name, "path contains '..'")
+    if not parts:
+        raise UnsafeBundle(name, "empty path")
+    return os.path.join(*parts)
+
+
+def _inside(root_real: str, path: str) -> bool:
+    real = os.path.realpath(path)
+    return real == root_real or real.startswith(root_real + os.sep)
+
+
+def extract(archive_path: str, dest: str, limits: Limits | None = None) -> int:
+    """Extract archive_path into dest (an empty staging dir). Returns the number of files."""
+    limits = limits or Limits.from_env()
+    compressed = max(os.path.getsize(archive_path), 1)
+    root_real = os.path.realpath(dest)
+    total = count = 0
+    links: list[str] = []
+    with tarfile.open(archive_path, "r:gz") as tar:
+        for member in tar:
+            rel = _member_path(member.name)
+            target = os.path.join(dest, rel)
+            if member.mode & (stat.S_ISUID | stat.S_ISGID):
+                raise UnsafeBundle(member.name, "setuid/setgid bit")
+            if member.ischr() or member.isblk():
+                raise UnsafeBundle(member.name, "device file")
+            if member.isfifo():
+                raise UnsafeBundle(member.name, "fifo")
+            if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
+                raise UnsafeBundle(member.name, f"unsupported member type {member.type!r}")
+            parent = os.path.dirname(target)
+            os.makedirs(parent, exist_ok=True)
+            if not _inside(root_real, parent):
+                raise UnsafeBundle(member.name, "its directory leads outside the bundle through a symlink")
+            if member.isdir():
+                os.makedirs(target, exist_ok=True)
+                continue
+            count += 1
+            if count > limits.max_files:
+                raise UnsafeBundle(member.name, f"more than {limits.max_files} files (EXECUTOR_BUNDLE_MAX_FILES)")
+            if os.path.lexists(target):
+                raise UnsafeBundle(member.name, "appears twice in the archive")
+            if member.issym():
+                if os.path.isabs(member.linkname):
+                    raise UnsafeBundle(member.name, f"symlink to an absolute path {member.linkname!r}")
+                os.symlink(member.linkname, target)
+                if not _inside(root_real, target):
+                    raise UnsafeBundle(member.name, f"symlink {member.linkname!r} points outside the bundle")
+                links.append(target)
+                continue
+            if member.islnk():
+                try:
+                    source = os.path.join(dest, _member_path(member.linkname))
+                except UnsafeBundle as e:
+                    raise UnsafeBundle(member.name, f"hard link target {member.linkname!r}: {e.reason}") from None
+                if not _inside(root_real, source) or not os.path.isfile(source):
+                    raise UnsafeBundle(member.name, f"hard link to {member.linkname!r}, which is not a file of the bundle")
+                shutil.copyfile(source, target)
+                continue
+            total += member.size
+            if total > limits.max_total_bytes:
+                raise UnsafeBundle(member.name, f"bundle expands past {limits.max_total_bytes} bytes (EXECUTOR_BUNDLE_MAX_BYTES)")
+            if total / compressed > limits.max_ratio and total > (1 << 20):
+                raise UnsafeBundle(member.name, f"compression ratio above {limits.max_ratio:g} (EXECUTOR_BUNDLE_MAX_RATIO): a decompression bomb?")
+            source_file = tar.extractfile(member)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+            fd = os.open(target, flags, 0o755 if member.mode & 0o111 else 0o644)
+            with os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(source_file, out, 1 << 20)
+    # A later member can change where an earlier link resolves: check them all once more at the end.
+    for link in links:
+        if not _inside(root_real, link):
+            raise UnsafeBundle(os.path.relpath(link, dest), "symlink points outside the bundle")
+    return count
+
+
+def verify_content(root: str, expected: str) -> str:
+    """Recompute the name digest over an extracted tree; returns it (caller compares)."""
+    return content_digest(root, list_files(root))

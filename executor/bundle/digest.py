@@ -1,0 +1,43 @@
+"""The content digest in a bundle's name, computed exactly as flytekit's `ls_files` does.
+
+md5 over the files sorted by path; for each file its bytes, then its relative path with the
+separators removed. So it can be recomputed over an extracted tree and compared with the name.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+
+_NAME = re.compile(r"^fast([0-9a-f]{32})\.tar\.gz$")
+_BLOCK = 1 << 20
+
+
+def digest_from_name(uri: str) -> str | None:
+    """The md5 in `.../fast<md5>.tar.gz`, or None for any other name."""
+    match = _NAME.match(uri.rstrip("/").rsplit("/", 1)[-1])
+    return match.group(1) if match else None
+
+
+def list_files(root: str, skip_dirs: frozenset[str] = frozenset()) -> list[str]:
+    """Relative paths of the regular files under root (symlinks to existing files count, as in flytekit)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip_dirs]
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.exists(path) or stat.S_ISSOCK(os.stat(path).st_mode):
+                continue
+            found.append(os.path.relpath(path, root))
+    return sorted(found, key=lambda rel: os.path.join(root, rel))
+
+
+def content_digest(root: str, files: list[str] | None = None) -> str:
+    hasher = hashlib.md5()
+    for rel in files if files is not None else list_files(root):
+        with open(os.path.join(root, rel), "rb") as f:
+            while chunk := f.read(_BLOCK):
+                hasher.update(chunk)
+        hasher.update("".join(rel.split(os.sep)).encode("utf-8"))
+    return hasher.hexdigest()

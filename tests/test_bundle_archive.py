@@ -1,0 +1,148 @@
+"""Bundle archives: flytekit's digest, deterministic build, and refusal of every unsafe member."""
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+
+import pytest
+
+from executor.bundle import archive, digest
+from executor.bundle.archive import Limits, UnsafeBundle
+
+
+def _tree(root, files: dict[str, bytes]):
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def _malicious(tmp_path, *members) -> str:
+    """A tar.gz holding the given (TarInfo, data-or-None) members, as an attacker would write it."""
+    path = tmp_path / "evil.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    return str(path)
+
+
+def _info(name, kind=tarfile.REGTYPE, linkname="", mode=0o644):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, linkname, mode
+    return info
+
+
+def test_build_is_deterministic_and_named_by_content(tmp_path):
+    src = _tree(tmp_path / "src", {"pkg/__init__.py": b"", "pkg/mod.py": b"x = 1\n", "main.py": b"print()\n",
+                                   "pkg/__pycache__/mod.cpython-311.pyc": b"junk", ".git/HEAD": b"ref"})
+    a = archive.build(str(src), str(tmp_path / "a"))
+    b = archive.build(str(src), str(tmp_path / "b"))
+    assert open(a, "rb").read() == open(b, "rb").read()
+    name_digest = digest.digest_from_name(a)
+    assert name_digest and os.path.basename(a) == f"fast{name_digest}.tar.gz"
+    with tarfile.open(a) as tar:
+        names = sorted(tar.getnames())
+        assert names == ["main.py", "pkg/__init__.py", "pkg/mod.py"]  # no caches, no .git
+        assert {m.mtime for m in tar} == {315532800} and {m.uid for m in tar} == {0}
+    out = tmp_path / "x"
+    out.mkdir()
+    assert archive.extract(a, str(out)) == 3
+    assert digest.content_digest(str(out)) == name_digest
+    (src / "pkg/mod.py").write_bytes(b"x = 2\n")
+    assert digest.digest_from_name(archive.build(str(src), str(tmp_path / "c"))) != name_digest
+
+
+def test_digest_from_name():
+    assert digest.digest_from_name("s3://b/p/fast0123456789abcdef0123456789abcdef.tar.gz") == "0123456789abcdef0123456789abcdef"
+    assert digest.digest_from_name("s3://b/p/code.tar.gz") is None
+
+
+@pytest.mark.parametrize("member, reason", [
+    ((_info("/etc/passwd"), b"x"), "absolute path"),
+    ((_info("../outside.py"), b"x"), "'..'"),
+    ((_info("a/../../outside.py"), b"x"), "'..'"),
+    ((_info("link", tarfile.SYMTYPE, "/etc/passwd"), None), "absolute path"),
+    ((_info("link", tarfile.SYMTYPE, "../../etc"), None), "outside the bundle"),
+    ((_info("hard", tarfile.LNKTYPE, "../etc/passwd"), None), "'..'"),
+    ((_info("hard", tarfile.LNKTYPE, "never_extracted.py"), None), "not a file of the bundle"),
+    ((_info("dev", tarfile.CHRTYPE), None), "device"),
+    ((_info("blk", tarfile.BLKTYPE), None), "device"),
+    ((_info("pipe", tarfile.FIFOTYPE), None), "fifo"),
+    ((_info("suid", mode=0o4755), b"x"), "setuid"),
+    ((_info("sgid", mode=0o2755), b"x"), "setuid"),
+])
+def test_unsafe_members_are_refused(tmp_path, member, reason):
+    path = _malicious(tmp_path, member)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UnsafeBundle) as info:
+        archive.extract(path, str(dest))
+    assert reason in str(info.value) and member[0].name in str(info.value)
+    assert not (tmp_path / "outside.py").exists()
+
+
+def test_symlink_dot_then_dotdot_escape_is_refused(tmp_path):
+    # 'here' -> '.' is harmless alone; 'here/..' lexically stays inside but really is the parent
+    path = _malicious(tmp_path, (_info("here", tarfile.SYMTYPE, "."), None),
+                      (_info("up", tarfile.SYMTYPE, "here/.."), None))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UnsafeBundle, match="up"):
+        archive.extract(path, str(dest))
+
+
+def test_write_through_escaping_directory_link_is_refused(tmp_path):
+    (tmp_path / "victim").mkdir()
+    path = _malicious(tmp_path, (_info("d", tarfile.SYMTYPE, "../victim"), None), (_info("d/evil.py"), b"pwned"))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UnsafeBundle):
+        archive.extract(path, str(dest))
+    assert not (tmp_path / "victim" / "evil.py").exists()
+
+
+def test_safe_links_inside_are_kept(tmp_path):
+    path = _malicious(tmp_path, (_info("pkg/real.py"), b"v = 1\n"),
+                      (_info("pkg/alias.py", tarfile.SYMTYPE, "real.py"), None),
+                      (_info("copy.py", tarfile.LNKTYPE, "pkg/real.py"), None))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    assert archive.extract(path, str(dest)) == 3
+    assert (dest / "pkg/alias.py").read_bytes() == b"v = 1\n" and (dest / "copy.py").read_bytes() == b"v = 1\n"
+
+
+def test_decompression_bomb_is_refused(tmp_path):
+    path = _malicious(tmp_path, (_info("zeros.bin"), b"\0" * (64 << 20)))
+    assert os.path.getsize(path) < (1 << 20)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UnsafeBundle, match="compression ratio"):
+        archive.extract(path, str(dest))
+
+
+@pytest.mark.parametrize("limits, fragment", [
+    (Limits(max_files=2), "more than 2 files"),
+    (Limits(max_total_bytes=10), "expands past 10 bytes"),
+])
+def test_size_and_count_caps(tmp_path, limits, fragment):
+    path = _malicious(tmp_path, *[(_info(f"f{i}.py"), b"0123456789abc") for i in range(3)])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UnsafeBundle, match=fragment):
+        archive.extract(path, str(dest), limits)
+
+
+def test_executable_bit_kept_setuid_never(tmp_path):
+    path = _malicious(tmp_path, (_info("run.sh", mode=0o755), b"#!/bin/sh\n"), (_info("data.txt", mode=0o666), b"d"))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    archive.extract(path, str(dest))
+    assert os.stat(dest / "run.sh").st_mode & stat.S_IXUSR
+    assert not os.stat(dest / "data.txt").st_mode & (stat.S_IXUSR | stat.S_IWOTH)
