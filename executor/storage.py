@@ -5,29 +5,48 @@ Public surface (the rest of the executor uses only these):
     write_bytes(uri, data)          atomic: a reader sees the old object, or none, or all of data
     exists(uri) -> bool
     join(prefix, *parts) -> str
-    download_file(uri, local_path)
+    download_file(uri, local_path)  atomic at the local destination
     upload_file(local_path, uri)    atomic at the destination
+    download_dir(uri, local_dir)    every object under the prefix, recursively
+    upload_dir(local_dir, uri)      every file under the directory, recursively
     StorageError(uri, message, transient) / StorageNotFound
 
-Local paths never import fsspec: the cold start is a product feature.
+Local paths never import fsspec: the cold start is a product feature. Remote protocols import
+fsspec and the protocol's package (s3fs ≈ 300 ms, gcsfs ≈ 550 ms) on first use, and tenacity
+only once a request has failed transiently. User-facing documentation: docs/storage.md.
 """
 from __future__ import annotations
 
 import os
+import sys
+import time
+from collections.abc import Callable  # not typing/dataclasses: they cost ~10 ms at start-up
 
 
 class StorageError(Exception):
     """A read or write that failed; `transient` says whether retrying could help."""
 
     def __init__(self, uri: str, message: str, transient: bool = False):
-        super().__init__(f"{message}: {uri}")
+        super().__init__(f"{uri}: {message}")
         self.uri = uri
+        self.message = message
         self.transient = transient
 
 
 class StorageNotFound(StorageError):
     def __init__(self, uri: str):
-        super().__init__(uri, "no such object", transient=False)
+        super().__init__(
+            uri,
+            "no such object (check the URI, and that the step that should have written it succeeded)",
+            transient=False,
+        )
+
+
+def join(prefix: str, *parts: str) -> str:
+    out = prefix.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
 
 
 def _local_path(uri: str) -> str | None:
@@ -38,60 +57,508 @@ def _local_path(uri: str) -> str | None:
     return None
 
 
-def join(prefix: str, *parts: str) -> str:
-    out = prefix.rstrip("/")
-    for part in parts:
-        out = f"{out}/{part.strip('/')}"
-    return out
+# ---------------------------------------------------------------------------------------------
+# Public API: each call dispatches to the local (os only) or the remote (fsspec) implementation.
 
 
 def read_bytes(uri: str) -> bytes:
     path = _local_path(uri)
     if path is None:
-        raise StorageError(uri, "protocol not supported yet")
+        # s3fs would first HEAD the object (and LIST on a miss) to decide on parallel ranged GETs;
+        # what we read this way is small, so one GET it is. gcsfs does one GET by default.
+        one_request = {"max_concurrency": 1} if uri.startswith(("s3://", "s3a://")) else {}
+        return _remote(uri, "read", "cat_file", **one_request)
     try:
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
         raise StorageNotFound(uri) from None
     except OSError as e:
-        raise StorageError(uri, f"cannot read ({e.strerror})") from e
+        raise StorageError(uri, f"cannot read ({e.strerror}); check the path and its permissions") from e
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     path = _local_path(uri)
     if path is None:
-        raise StorageError(uri, "protocol not supported yet")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise StorageError(uri, f"cannot write ({e.strerror})") from e
+        # One PUT (s3fs below 100 MiB) or one simple upload (gcsfs below 50 MiB): the store never
+        # exposes a partial object. Bigger payloads go multipart/resumable, which only become
+        # visible when the final request commits, so they are atomic as well.
+        _remote(uri, "write", "pipe_file", data)
+        return
+
+    _atomic_local_write(uri, path, lambda f: f.write(data))
 
 
 def exists(uri: str) -> bool:
     path = _local_path(uri)
-    if path is None:
-        raise StorageError(uri, "protocol not supported yet")
-    return os.path.exists(path)
+    if path is not None:
+        return os.path.exists(path)
+    try:
+        # Not fs.exists(): fsspec's default swallows every error (a 503 would read as "absent").
+        _remote(uri, "check", "info")
+        return True
+    except StorageNotFound:
+        return False
 
 
 def download_file(uri: str, local_path: str) -> None:
-    data = read_bytes(uri)
-    with open(local_path, "wb") as f:
-        f.write(data)
+    src = _local_path(uri)
+    if src is not None:
+        _copy_local(uri, src, local_path, local_path)
+        return
+    tmp = None
+    try:
+        tmp = _temp_path(local_path)  # same directory, so the final rename is atomic
+        _remote(uri, "download", "get_file", tmp)
+        os.replace(tmp, local_path)
+        tmp = None
+    except OSError as e:
+        raise StorageError(uri, f"cannot save to {local_path} ({e.strerror}); check that it is writable") from e
+    finally:
+        if tmp is not None:
+            _remove_quietly(tmp)
 
 
 def upload_file(local_path: str, uri: str) -> None:
-    with open(local_path, "rb") as f:
-        write_bytes(uri, f.read())
+    if not os.path.isfile(local_path):
+        raise StorageError(uri, f"cannot upload {local_path}: no such local file")
+    dst = _local_path(uri)
+    if dst is not None:
+        _copy_local(local_path, local_path, uri, dst)
+        return
+    # One PUT below 100 MiB (s3fs) / one simple upload below 5 MiB (gcsfs); multipart or
+    # resumable above, which also make the object appear only once it is complete.
+    _remote(uri, "upload", "put_file", local_path, path_last=True)
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Upload every file under local_dir to uri/<relative path>, one atomic upload per file."""
+    if not os.path.isdir(local_dir):
+        raise StorageError(uri, f"cannot upload {local_dir}: no such local directory")
+    for root, _dirs, files in os.walk(local_dir):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            upload_file(path, join(uri, os.path.relpath(path, local_dir).replace(os.sep, "/")))
+
+
+def download_dir(uri: str, local_dir: str) -> None:
+    """Download every object under the prefix uri into local_dir, keeping relative paths.
+
+    Raises StorageNotFound when nothing is stored under the prefix.
+    """
+    for rel in _list_files(uri):
+        target = os.path.abspath(os.path.join(local_dir, rel))
+        # An object key with ".." must not write outside local_dir.
+        if not target.startswith(os.path.abspath(local_dir) + os.sep):
+            raise StorageError(join(uri, rel), f"refusing to download outside {local_dir}")
+        download_file(join(uri, rel), target)
+
+
+def _list_files(uri: str) -> list[str]:
+    """Paths of all files under uri, relative to it, with '/' separators."""
+    path = _local_path(uri)
+    if path is not None:
+        if not os.path.isdir(path):
+            raise StorageNotFound(uri)
+        return [
+            os.path.relpath(os.path.join(root, name), path).replace(os.sep, "/")
+            for root, _dirs, files in os.walk(path)
+            for name in files
+        ]
+    fs = _filesystem(uri)
+    root = fs._strip_protocol(uri).rstrip("/")
+    found = _remote(uri, "list", "find")
+    rels = [p[len(root) + 1:] for p in found if p.startswith(root + "/") and not p.endswith("/")]
+    if not rels:
+        raise StorageNotFound(uri)
+    return sorted(rels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Local files: write to a temp file in the target's directory, fsync, then os.replace. Readers
+# see the old file or the complete new one; a failure leaves neither a partial file nor a temp.
+
+
+def _temp_path(path: str) -> str:
+    directory, name = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+
+
+def _atomic_local_write(uri: str, path: str, write: Callable) -> None:
+    tmp = None
+    try:
+        tmp = _temp_path(path)
+        # O_EXCL: never clobber another writer's temp; mode 0o666 lets the umask decide.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except OSError as e:
+        raise StorageError(uri, f"cannot write ({e.strerror}); check free space and permissions") from e
+    finally:
+        if tmp is not None:
+            _remove_quietly(tmp)
+
+
+def _copy_local(src_uri: str, src: str, dst_uri: str, dst: str) -> None:
+    import shutil  # only local copies need it
+
+    try:
+        f = open(src, "rb")
+    except FileNotFoundError:
+        raise StorageNotFound(src_uri) from None
+    except OSError as e:
+        raise StorageError(src_uri, f"cannot read ({e.strerror}); check the path and its permissions") from e
+    with f:
+        _atomic_local_write(dst_uri, dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+
+
+def _fsync_dir(directory: str) -> None:
+    # Makes the rename itself durable; some filesystems cannot fsync a directory, which is fine.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Remote filesystems: one fsspec instance per (protocol, settings) per process, built from env
+# the way flytekit builds it, so a pod configured for flytekit works unchanged.
+
+_MISSING_PACKAGE_HINT = {
+    "s3": "pip install 'executor[s3]'",
+    "s3a": "pip install 'executor[s3]'",
+    "gs": "pip install 'executor[gcs]'",
+    "gcs": "pip install 'executor[gcs]'",
+    "abfs": "pip install adlfs",
+    "abfss": "pip install adlfs",
+    "az": "pip install adlfs",
+}
+
+_filesystems: dict = {}
+_filesystems_pid = os.getpid()
+
+
+def _s3_options() -> dict:
+    env = os.environ
+    config: dict = {
+        # Ours is the only retry loop (see _remote): botocore makes a single attempt, so the
+        # deadline and attempt count in EXECUTOR_STORAGE_RETRY_* are what actually happens.
+        "retries": {"mode": "standard", "total_max_attempts": 1},
+    }
+    options: dict = {"use_listings_cache": False, "config_kwargs": config}
+    if env.get("FLYTE_AWS_ENDPOINT"):
+        options["client_kwargs"] = {"endpoint_url": env["FLYTE_AWS_ENDPOINT"]}
+    if env.get("FLYTE_AWS_ACCESS_KEY_ID"):
+        options["key"] = env["FLYTE_AWS_ACCESS_KEY_ID"]
+    if env.get("FLYTE_AWS_SECRET_ACCESS_KEY"):
+        options["secret"] = env["FLYTE_AWS_SECRET_ACCESS_KEY"]
+    if env.get("FLYTE_AWS_ADDRESSING_STYLE"):
+        config["s3"] = {"addressing_style": env["FLYTE_AWS_ADDRESSING_STYLE"]}
+    return options
+
+
+def _gcs_options() -> dict:
+    # gcsfs >= 2025 first tries a gRPC client for zonal/HNS buckets and can stall ~60 s doing so;
+    # the flag is read when gcsfs is imported, so it must be set before that.
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    options: dict = {"use_listings_cache": False}
+    # Without these gcsfs uses STORAGE_EMULATOR_HOST and the usual Google credential chain.
+    if os.environ.get("EXECUTOR_GCS_ENDPOINT"):
+        options["endpoint_url"] = os.environ["EXECUTOR_GCS_ENDPOINT"]
+    if os.environ.get("EXECUTOR_GCS_TOKEN"):
+        options["token"] = os.environ["EXECUTOR_GCS_TOKEN"]
+    return options
+
+
+def _azure_options() -> dict:
+    # Same mapping as flytekit's azure_setup_args.
+    names = {
+        "account_name": "FLYTE_AZURE_STORAGE_ACCOUNT_NAME",
+        "account_key": "FLYTE_AZURE_STORAGE_ACCOUNT_KEY",
+        "tenant_id": "FLYTE_AZURE_TENANT_ID",
+        "client_id": "FLYTE_AZURE_CLIENT_ID",
+        "client_secret": "FLYTE_AZURE_CLIENT_SECRET",
+    }
+    return {arg: os.environ[var] for arg, var in names.items() if os.environ.get(var)}
+
+
+def _options(protocol: str) -> dict:
+    if protocol in ("s3", "s3a"):
+        return _s3_options()
+    if protocol in ("gs", "gcs"):
+        return _gcs_options()
+    if protocol in ("abfs", "abfss", "az"):
+        return _azure_options()
+    return {}
+
+
+def _filesystem(uri: str):
+    global _filesystems_pid
+    if _filesystems_pid != os.getpid():
+        # A forked child must not reuse the parent's event loop thread and connections.
+        _filesystems.clear()
+        _filesystems_pid = os.getpid()
+    protocol = uri.split("://", 1)[0]
+    options = _options(protocol)
+    key = (protocol, repr(sorted(options.items())))
+    fs = _filesystems.get(key)
+    if fs is None:
+        try:
+            import fsspec
+
+            fs = fsspec.filesystem(protocol, **options)
+        except ImportError as e:
+            hint = _MISSING_PACKAGE_HINT.get(protocol, f"install the fsspec package for '{protocol}://'")
+            raise StorageError(uri, f"support for {protocol}:// is not installed ({e}); {hint}") from e
+        except ValueError as e:
+            raise StorageError(uri, f"unsupported URI scheme '{protocol}://' ({e})") from e
+        if protocol in ("s3", "s3a"):
+            fs.retries = 1  # s3fs's own retry loop; ours is the only one (see _s3_options)
+        _filesystems[key] = fs
+    return fs
+
+
+def _call(fs, method: str, args: tuple, kwargs: dict, timeout: float):
+    if getattr(fs, "async_impl", False):
+        from fsspec.asyn import sync
+
+        # Bounds one attempt by what is left of the deadline; gcsfs retries 5xx/429 internally
+        # (up to 6 tries, no switch to turn that off), and this keeps those within our deadline.
+        return sync(fs.loop, getattr(fs, "_" + method), *args, timeout=timeout, **kwargs)
+    return getattr(fs, method)(*args, **kwargs)
+
+
+def _remote(uri: str, action: str, method: str, *args, path_last: bool = False, **kwargs):
+    """fs.<method>(path, *args, **kwargs) (or (*args, path)) under the retry policy."""
+    fs = _filesystem(uri)
+    path = fs._strip_protocol(uri)
+    call_args = (*args, path) if path_last else (path, *args)
+    return _with_retries(uri, action, lambda timeout: _call(fs, method, call_args, kwargs, timeout))
+
+
+# ---------------------------------------------------------------------------------------------
+# Retries: exponential backoff with full jitter, bounded by attempts and a total deadline.
+
+
+class _RetrySettings:
+    def __init__(self, attempts: int = 5, deadline: float = 60.0, base_delay: float = 0.2):
+        self.attempts = attempts
+        self.deadline = deadline
+        self.base_delay = base_delay
+        self.max_delay = 20.0
+
+    @classmethod
+    def from_env(cls, uri: str) -> "_RetrySettings":
+        def read(name: str, default, parse, minimum):
+            raw = os.environ.get(name)
+            if raw is None or raw == "":
+                return default
+            try:
+                value = parse(raw)
+            except ValueError:
+                value = None
+            if value is None or value < minimum:
+                raise StorageError(uri, f"{name}={raw!r} is invalid: it must be a number >= {minimum}")
+            return value
+
+        return cls(
+            attempts=read("EXECUTOR_STORAGE_RETRY_ATTEMPTS", 5, int, 1),
+            deadline=read("EXECUTOR_STORAGE_RETRY_DEADLINE", 60.0, float, 0.001),
+            base_delay=read("EXECUTOR_STORAGE_RETRY_BASE_DELAY", 0.2, float, 0),
+        )
+
+
+def _with_retries(uri: str, action: str, attempt: Callable[[float], object]):
+    settings = _RetrySettings.from_env(uri)
+    started = time.monotonic()
+    try:
+        return attempt(settings.deadline)
+    except Exception as e:
+        first = _storage_error(uri, action, e)
+        if not first.transient:
+            raise first from e
+    return _retry(uri, action, attempt, settings, started, first)
+
+
+def _retry(uri, action, attempt, settings: _RetrySettings, started: float, first: StorageError):
+    import tenacity  # only after a transient failure: the happy path never pays for it
+
+    def remaining() -> float:
+        return settings.deadline - (time.monotonic() - started)
+
+    # Attempt 1 already failed outside tenacity; tenacity's first call re-raises that failure so
+    # its backoff, stop and logging cover every retry uniformly.
+    replay = [first]
+    last = [first]
+    made = [1]
+
+    def try_once():
+        if replay:
+            raise replay.pop()
+        if remaining() <= 0:
+            raise last[0]  # out of time: the stop check ends the loop with the real error
+        made[0] += 1
+        try:
+            return attempt(remaining())
+        except Exception as e:
+            last[0] = _storage_error(uri, action, e)
+            raise last[0] from e
+
+    jitter = tenacity.wait_random_exponential(multiplier=settings.base_delay, max=settings.max_delay)
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(settings.attempts) | (lambda state: remaining() <= 0),
+        wait=lambda state: max(0.0, min(jitter(state), remaining())),
+        retry=tenacity.retry_if_exception(lambda e: isinstance(e, StorageError) and e.transient),
+        before_sleep=lambda state: _log_retry(uri, state, settings),
+        reraise=True,
+    )
+    try:
+        return retrying(try_once)
+    except StorageError as e:
+        if not e.transient:
+            raise
+        elapsed = time.monotonic() - started
+        raise StorageError(
+            uri,
+            f"gave up after {made[0]} attempt{'s' if made[0] > 1 else ''} in {elapsed:.1f} s; "
+            f"last error: {e.message}. The store was unreachable or overloaded: retry later, or "
+            f"raise EXECUTOR_STORAGE_RETRY_DEADLINE (now {settings.deadline:g} s) or "
+            f"EXECUTOR_STORAGE_RETRY_ATTEMPTS (now {settings.attempts})",
+            transient=True,
+        ) from e
+
+
+def _log_retry(uri: str, state, settings: _RetrySettings) -> None:
+    error = state.outcome.exception()
+    detail = error.message if isinstance(error, StorageError) else repr(error)
+    delay = state.next_action.sleep if state.next_action else 0.0
+    attempt = state.attempt_number + 1
+    message = f"storage: {detail}; retrying in {delay:.2f} s (attempt {attempt} of {settings.attempts})"
+    try:
+        from executor import logs
+    except ImportError:  # logs is a sibling module; stay useful without it
+        print(f"{message}: {uri}", file=sys.stderr, flush=True)
+    else:
+        logs.warning(message, uri=uri, attempt=attempt, delay=round(delay, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Error classification. Exceptions come from botocore, aiohttp, gcsfs, fsspec or the OS, wrapped
+# in each other; we look along the cause chain by type *name* so nothing is imported to classify.
+
+NOT_FOUND, DENIED, TRANSIENT, FAILED = "not found", "denied", "transient", "failed"
+
+_TRANSIENT_TYPES = {
+    # botocore
+    "HTTPClientError", "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
+    "ConnectTimeoutError", "IncompleteReadError", "ResponseStreamingError", "ResponseParserError",
+    # aiohttp / http.client / requests
+    "ClientConnectionError", "ClientPayloadError", "ServerDisconnectedError", "IncompleteRead",
+    "ChunkedEncodingError", "ProxyError",
+    # gcsfs: body did not match its md5/crc32c
+    "ChecksumError",
+    # builtins (ConnectionResetError, ConnectionRefusedError, ...), asyncio and fsspec timeouts
+    "ConnectionError", "TimeoutError",
+}
+_DENIED_TYPES = {"PermissionError", "NoCredentialsError", "PartialCredentialsError"}
+_S3_CODES = {
+    "NoSuchKey": NOT_FOUND, "NoSuchBucket": NOT_FOUND, "NotFound": NOT_FOUND,
+    "AccessDenied": DENIED, "InvalidAccessKeyId": DENIED, "SignatureDoesNotMatch": DENIED,
+    "ExpiredToken": DENIED,
+    "SlowDown": TRANSIENT, "Throttling": TRANSIENT, "ThrottlingException": TRANSIENT,
+    "RequestTimeout": TRANSIENT, "InternalError": TRANSIENT, "ServiceUnavailable": TRANSIENT,
+}
+
+
+def _http_status(e: BaseException) -> int | None:
+    response = getattr(e, "response", None)  # botocore ClientError
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return status if isinstance(status, int) else None
+    for attr in ("status", "code"):  # aiohttp ClientResponseError, gcsfs HttpError
+        status = getattr(e, attr, None)
+        if isinstance(status, int) and 100 <= status <= 599:
+            return status
+    return None
+
+
+def _classify_one(e: BaseException) -> str | None:
+    if isinstance(e, FileNotFoundError):
+        return NOT_FOUND
+    response = getattr(e, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        if code in _S3_CODES:
+            return _S3_CODES[code]
+    status = _http_status(e)
+    if status is not None:
+        if status == 404:
+            return NOT_FOUND
+        if status in (401, 403):
+            return DENIED
+        if status in (408, 429) or status >= 500:
+            return TRANSIENT
+        if status >= 400:
+            return FAILED
+    names = {cls.__name__ for cls in type(e).__mro__}
+    if names & _DENIED_TYPES:
+        return DENIED
+    if names & _TRANSIENT_TYPES:
+        return TRANSIENT
+    return None
+
+
+def _chain(e: BaseException):
+    """e, then what caused it, and so on."""
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _classify(e: BaseException) -> str:
+    """NOT_FOUND, DENIED, TRANSIENT or FAILED for an exception raised by a storage backend."""
+    return next((kind for kind in map(_classify_one, _chain(e)) if kind), FAILED)
+
+
+def _storage_error(uri: str, action: str, e: BaseException) -> StorageError:
+    if isinstance(e, StorageError):
+        return e
+    kind = _classify(e)
+    if kind == NOT_FOUND:
+        return StorageNotFound(uri)
+    status = next((s for s in map(_http_status, _chain(e)) if s), None)
+    detail = f"{type(e).__name__}: {e}".strip().rstrip(":") + (f", HTTP {status}" if status else "")
+    if len(detail) > 300:
+        detail = detail[:300] + "…"
+    if kind == DENIED:
+        return StorageError(
+            uri,
+            f"{action} denied ({detail}); check the pod's credentials (FLYTE_AWS_* / AWS_* / the "
+            "service account) and the bucket's permissions",
+        )
+    if kind == TRANSIENT:
+        return StorageError(uri, f"{action} failed, possibly temporarily ({detail})", transient=True)
+    return StorageError(
+        uri, f"{action} failed ({detail}); check the URI and the storage settings (docs/storage.md)"
+    )
