@@ -58,6 +58,43 @@ def _build_parser(command: str):
     return parser
 
 
+def parse_fast_execute(argv: list[str]) -> Invocation:
+    """pyflyte-fast-execute --additional-distribution U --dest-dir D [--bundle-md5 M] -- pyflyte-execute ..."""
+    import argparse
+    import dataclasses
+
+    from executor.invocation import BundleSpec
+
+    if "--" not in argv:
+        raise UsageError("executor pyflyte-fast-execute: expected '-- pyflyte-execute ...' after its own flags")
+    split = argv.index("--")
+    own, inner = argv[:split], argv[split + 1 :]
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UsageError(f"{self.prog}: {message}")
+
+    parser = _Parser(prog="executor pyflyte-fast-execute", allow_abbrev=False)
+    parser.add_argument("--additional-distribution", metavar="URI")
+    parser.add_argument("--dest-dir", metavar="DIR")
+    parser.add_argument("--bundle-md5", metavar="MD5", help="expected md5 of the archive (also EXECUTOR_BUNDLE_MD5)")
+    ns = parser.parse_args(own)
+    if not inner or inner[0] not in ("pyflyte-execute", "pyflyte-map-execute"):
+        raise UsageError(f"executor pyflyte-fast-execute: after '--' expected pyflyte-execute or pyflyte-map-execute, got {inner[:1]}")
+    invocation = parse_flyte1(inner[0], inner[1:])
+    distribution = _optional(ns.additional_distribution)
+    if distribution is None:
+        return invocation
+    dest_dir = ns.dest_dir or os.getcwd()
+    # As flytekit does: the inner command learns the distribution, for dynamic tasks.
+    return dataclasses.replace(
+        invocation,
+        dynamic_addl_distro=distribution,
+        dynamic_dest_dir=dest_dir,
+        bundle=BundleSpec(uri=distribution, dest_dir=dest_dir, archive_md5=ns.bundle_md5),
+    )
+
+
 def parse_flyte1(command: str, argv: list[str]) -> Invocation:
     """Parse pyflyte-execute / pyflyte-map-execute argv (everything after the command word)."""
     if "--" in argv:
@@ -97,9 +134,11 @@ _HELP = """usage: executor COMMAND [ARGS]
 The in-pod runtime for Flyte tasks.
 
 Commands (argv exactly as the Flyte backend writes it):
+  pyflyte-fast-execute  fetch, verify and cache the code bundle, then run the inner command
   pyflyte-execute       run one Flyte 1 task   (flytekit's pyflyte-execute flags)
   pyflyte-map-execute   run one element of a map task (ArrayNode)
 Tools:
+  bundle build SRC OUT  write fast<digest>.tar.gz for SRC, named exactly as flytekit names it
   run MODULE.FUNC -i NAME=JSON ...
                         run a task locally against a directory store, print its outputs
   inspect FILE          print an inputs/outputs/error .pb file as JSON
@@ -110,6 +149,28 @@ See docs/cli.md for every flag.
 """
 
 
+_FAST_HELP = """usage: executor pyflyte-fast-execute --additional-distribution URI [--dest-dir DIR] [--bundle-md5 MD5]
+                                    -- pyflyte-execute|pyflyte-map-execute ...
+
+Fetches the code bundle, verifies it (EXECUTOR_BUNDLE_VERIFY=strict|auto|off), extracts it safely
+into the node's cache (EXECUTOR_CACHE_DIR), puts it first on sys.path and runs the inner command
+in the same process. See docs/bundles.md.
+"""
+
+
+def _bundle_command(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[0] != "build":
+        sys.stderr.write("usage: executor bundle build SRC_DIR OUT_DIR\n")
+        return USAGE_EXIT
+    from executor.bundle.archive import build
+
+    if not os.path.isdir(argv[1]):
+        sys.stderr.write(f"executor bundle build: {argv[1]} is not a directory\n")
+        return USAGE_EXIT
+    print(build(argv[1], argv[2]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -117,6 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else USAGE_EXIT
     command, rest = argv[0], argv[1:]
     try:
+        if command == "pyflyte-fast-execute":
+            if rest in (["-h"], ["--help"]):
+                sys.stdout.write(_FAST_HELP)
+                return 0
+            from executor.execute import run_invocation
+
+            return run_invocation(parse_fast_execute(rest)).exit_code
+        if command == "bundle":
+            return _bundle_command(rest)
         if command in ("pyflyte-execute", "pyflyte-map-execute"):
             options_part = rest[: rest.index("--")] if "--" in rest else rest
             if "-h" in options_part or "--help" in options_part:

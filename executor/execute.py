@@ -20,6 +20,7 @@ from executor.protocol.offload import offload_large_outputs
 
 # A failure that escapes a phase unclassified gets this code.
 PHASE_DEFAULT_CODE = {
+    "bundle": "BUNDLE_FETCH",
     "load": "IMPORT",
     "inputs": "INPUT_DECODE",
     "run": "USER",
@@ -41,7 +42,7 @@ def _phase(name: str, diagnostics: Diagnostics):
         failure.phase = failure.phase or name
         raise
     except storage.StorageError as e:
-        code = "OUTPUT_UPLOAD" if name == "upload" else "SYSTEM"
+        code = {"upload": "OUTPUT_UPLOAD", "bundle": "BUNDLE_FETCH"}.get(name, "SYSTEM")
         failure = TaskFailure(code, str(e), cause=e)
         failure.phase = name
         raise failure from None
@@ -71,6 +72,11 @@ def run_invocation(invocation: Invocation) -> Result:
     task_name = " ".join(invocation.resolver_args)
     result: Result
     try:
+        if invocation.bundle is not None:
+            with _phase("bundle", diagnostics):
+                from executor.bundle.inject import inject
+
+                inject(invocation.bundle.uri, invocation.bundle.dest_dir, invocation.bundle.archive_md5)
         with _phase("load", diagnostics):
             from executor import loader
 

@@ -21,6 +21,15 @@ class MapSpec:
 
 
 @dataclass(frozen=True)
+class BundleSpec:
+    """A fast-registration code bundle to fetch, verify and put on sys.path before loading the task."""
+
+    uri: str
+    dest_dir: str | None = None
+    archive_md5: str | None = None
+
+
+@dataclass(frozen=True)
 class Invocation:
     inputs_uri: str
     output_prefix: str
@@ -35,6 +44,7 @@ class Invocation:
     max_concurrency: int | None = None
     test: bool = False
     protocol: str = "flyte1"
+    bundle: BundleSpec | None = None
 
     @property
     def raw_output_prefix_or_default(self) -> str:

@@ -131,6 +131,65 @@ def upload_file(local_path: str, uri: str) -> None:
     _remote(uri, "upload", "put_file", local_path, path_last=True)
 
 
+def download_hashed(uri: str, local_path: str) -> str:
+    """Download uri to local_path (atomically) and return the md5 hex of the bytes, in one pass."""
+    import hashlib
+
+    def copy(reader, out) -> str:
+        hasher = hashlib.md5()
+        while chunk := reader.read(1 << 20):
+            hasher.update(chunk)
+            out.write(chunk)
+        return hasher.hexdigest()
+
+    result: list[str] = []
+    src = _local_path(uri)
+    if src is not None:
+        try:
+            f = open(src, "rb")
+        except FileNotFoundError:
+            raise StorageNotFound(uri) from None
+        except OSError as e:
+            raise StorageError(uri, f"cannot read ({e.strerror}); check the path and its permissions") from e
+        with f:
+            _atomic_local_write(uri, local_path, lambda out: result.append(copy(f, out)))
+        return result[0]
+
+    def attempt(timeout: float) -> str:
+        # Not _atomic_local_write: a network error mid-stream must reach the retry policy as itself.
+        fs = _filesystem(uri)
+        tmp = _temp_path(local_path)
+        try:
+            with fs.open(fs._strip_protocol(uri), "rb", block_size=8 << 20) as reader, open(tmp, "wb") as out:
+                digest = copy(reader, out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, local_path)
+            tmp = None
+            return digest
+        finally:
+            if tmp is not None:
+                _remove_quietly(tmp)
+
+    return _with_retries(uri, "download", attempt)
+
+
+def stored_md5(uri: str) -> str | None:
+    """The md5 the store itself keeps for an object (S3 ETag of a single-part put, GCS md5Hash), if any."""
+    if _local_path(uri) is not None:
+        return None
+    info = _remote(uri, "stat", "info")
+    etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+    if len(etag) == 32 and "-" not in etag:
+        return etag.lower()
+    md5_b64 = info.get("md5Hash")
+    if md5_b64:
+        import base64
+
+        return base64.b64decode(md5_b64).hex()
+    return None
+
+
 def upload_dir(local_dir: str, uri: str) -> None:
     """Upload every file under local_dir to uri/<relative path>, one atomic upload per file."""
     if not os.path.isdir(local_dir):

@@ -1,0 +1,285 @@
+"""A content-addressed bundle cache, safe to share between every pod on a node (a hostPath).
+
+Layout under EXECUTOR_CACHE_DIR:
+    entries/<key>/            the extracted tree (read-only)
+    entries/<key>.complete    marker, JSON; an entry without it is partial and is rebuilt
+    entries/<key>.inuse       shared-locked by every process using the entry; eviction skips those
+    locks/<key>.lock          exclusive while one process fetches and extracts <key>
+    staging/, downloads/      work in progress; anything left there by a killed process is swept
+
+<key> is the content digest from the bundle's name (fast<md5>.tar.gz), else the archive's md5,
+so a hit costs a stat and a lock, never a download.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from executor import logs, storage
+from executor.bundle import archive
+from executor.bundle.digest import content_digest, digest_from_name, list_files
+from executor.errors import TaskFailure
+
+POLICIES = ("strict", "auto", "off")
+_held_fds: list[int] = []  # in-use locks, held for the life of the process
+
+
+@dataclass(frozen=True)
+class BundleRef:
+    uri: str
+    archive_md5: str | None = None  # --bundle-md5 / EXECUTOR_BUNDLE_MD5 / Flyte 2's --version
+    policy: str = "auto"
+
+    @property
+    def name_digest(self) -> str | None:
+        return digest_from_name(self.uri)
+
+
+@dataclass
+class Prepared:
+    root: str
+    key: str
+    hit: bool
+    verified: list[str] = field(default_factory=list)
+    unverified: list[str] = field(default_factory=list)
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("EXECUTOR_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "executor", "bundles"
+    )
+
+
+class BundleCache:
+    def __init__(self, root: str | None = None, max_bytes: int | None = None):
+        self.root = os.path.abspath(root or default_cache_dir())
+        self.max_bytes = max_bytes if max_bytes is not None else int(os.environ.get("EXECUTOR_CACHE_MAX_BYTES", 10 << 30))
+        for sub in ("entries", "locks", "staging", "downloads"):
+            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+
+    def _entry(self, key: str) -> str:
+        return os.path.join(self.root, "entries", key)
+
+    # --- public ---------------------------------------------------------------------------
+
+    def ensure(self, ref: BundleRef) -> Prepared:
+        key = ref.name_digest or ref.archive_md5
+        if key:
+            hit = self._hit(key)
+            if hit:
+                return hit
+        with self._locked(key or "uri-" + uuid.uuid5(uuid.NAMESPACE_URL, ref.uri).hex):
+            if key:
+                hit = self._hit(key)  # another process may have built it while we waited
+                if hit:
+                    return hit
+            return self._build(ref, key)
+
+    # --- hits -------------------------------------------------------------------------------
+
+    def _hit(self, key: str) -> Prepared | None:
+        entry = self._entry(key)
+        self._mark_in_use(key)
+        try:
+            with open(entry + ".complete") as f:
+                marker = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if not os.path.isdir(entry):
+            return None
+        try:
+            os.utime(entry + ".complete")  # LRU clock
+        except OSError:
+            pass
+        return Prepared(entry, key, hit=True, verified=list(marker.get("verified", [])))
+
+    def _mark_in_use(self, key: str) -> None:
+        fd = os.open(self._entry(key) + ".inuse", os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        _held_fds.append(fd)
+
+    # --- misses -----------------------------------------------------------------------------
+
+    def _build(self, ref: BundleRef, key: str | None) -> Prepared:
+        self._sweep_leftovers()
+        download = os.path.join(self.root, "downloads", f"{uuid.uuid4().hex}.tar.gz")
+        try:
+            try:
+                archive_md5 = storage.download_hashed(ref.uri, download)
+            except storage.StorageNotFound:
+                raise TaskFailure("BUNDLE_FETCH", f"code bundle {ref.uri} does not exist", recoverable=False,
+                                  hint="was the bundle uploaded by registration? check --additional-distribution / --tgz") from None
+            except storage.StorageError as e:
+                raise TaskFailure("BUNDLE_FETCH", f"cannot download code bundle: {e}", cause=e) from None
+            verified, unverified = self._verify_archive(ref, archive_md5)
+            key = key or f"a{archive_md5}"
+            staging = os.path.join(self.root, "staging", f"{key}.{uuid.uuid4().hex}")
+            os.makedirs(staging)
+            try:
+                files = self._extract(download, staging)
+                if ref.name_digest and ref.policy != "off":
+                    actual = content_digest(staging, files)
+                    if actual != ref.name_digest:
+                        raise TaskFailure(
+                            "BUNDLE_INTEGRITY",
+                            f"code bundle {ref.uri}: its files digest to {actual}, but its name says {ref.name_digest}",
+                            hint="the archive was modified after it was built; nothing from it was run",
+                        )
+                    verified.append("name digest")
+                elif ref.policy != "off":
+                    unverified.append("name digest (the file name is not fast<md5>.tar.gz)")
+                if ref.policy == "strict" and not verified:
+                    raise TaskFailure("BUNDLE_INTEGRITY", f"code bundle {ref.uri}: nothing could be verified and the policy is strict",
+                                      hint="give --bundle-md5, or use a fast<md5>.tar.gz name, or set EXECUTOR_BUNDLE_VERIFY=auto")
+                _make_read_only(staging)
+                return self._publish(key, staging, files, archive_md5, verified, unverified)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            try:
+                os.unlink(download)
+            except OSError:
+                pass
+
+    def _verify_archive(self, ref: BundleRef, archive_md5: str) -> tuple[list[str], list[str]]:
+        verified: list[str] = []
+        unverified: list[str] = []
+        if ref.policy == "off":
+            return verified, ["everything (EXECUTOR_BUNDLE_VERIFY=off)"]
+        if ref.archive_md5:
+            if ref.archive_md5.lower() != archive_md5:
+                raise TaskFailure("BUNDLE_INTEGRITY",
+                                  f"code bundle {ref.uri}: archive md5 is {archive_md5}, expected {ref.archive_md5}",
+                                  hint="the bundle changed since the expected md5 was recorded; nothing from it was run")
+            verified.append("given archive md5")
+        try:
+            stored = storage.stored_md5(ref.uri)
+        except storage.StorageError as e:
+            stored = None
+            logs.warning("could not read the store's md5 of the bundle", uri=ref.uri, reason=str(e))
+        if stored:
+            if stored != archive_md5:
+                raise TaskFailure("BUNDLE_INTEGRITY",
+                                  f"code bundle {ref.uri}: downloaded bytes have md5 {archive_md5}, the store says {stored}",
+                                  hint="the download was corrupted or the object changed during the download")
+            verified.append("store md5")
+        elif "://" in ref.uri and not ref.uri.startswith("file://"):
+            unverified.append("store md5 (multipart upload or not provided)")
+        return verified, unverified
+
+    def _extract(self, download: str, staging: str) -> list[str]:
+        try:
+            archive.extract(download, staging)
+        except archive.UnsafeBundle as e:
+            raise TaskFailure("BUNDLE_UNSAFE", f"code bundle refused, {e}",
+                              hint="bundles may hold only regular files, directories and links that stay inside") from None
+        except (OSError, EOFError, ValueError) as e:  # truncated or not a gzip tar
+            raise TaskFailure("BUNDLE_INTEGRITY", f"code bundle is not a readable tar.gz: {type(e).__name__}: {e}") from None
+        return list_files(staging)
+
+    def _publish(self, key, staging, files, archive_md5, verified, unverified) -> Prepared:
+        entry = self._entry(key)
+        if os.path.lexists(entry):  # a partial entry from a killed process
+            _make_writable(entry)
+            shutil.rmtree(entry, ignore_errors=True)
+        os.rename(staging, entry)
+        size = sum(os.path.getsize(os.path.join(entry, f)) for f in files if os.path.isfile(os.path.join(entry, f)))
+        marker = {"key": key, "archive_md5": archive_md5, "files": len(files), "bytes": size,
+                  "verified": verified, "created": time.time()}
+        storage.write_bytes(entry + ".complete", json.dumps(marker).encode())
+        self._mark_in_use(key)
+        self._evict()
+        return Prepared(entry, key, hit=False, verified=verified, unverified=unverified)
+
+    # --- housekeeping -----------------------------------------------------------------------
+
+    class _Lock:
+        def __init__(self, path: str):
+            self.path = path
+
+        def __enter__(self):
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            return self
+
+        def __exit__(self, *exc):
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+
+    def _locked(self, name: str) -> "_Lock":
+        return self._Lock(os.path.join(self.root, "locks", f"{name}.lock"))
+
+    def _sweep_leftovers(self) -> None:
+        """Staging dirs and downloads older than an hour belong to killed processes."""
+        cutoff = time.time() - 3600
+        for sub in ("staging", "downloads"):
+            base = os.path.join(self.root, sub)
+            for name in os.listdir(base):
+                path = os.path.join(base, name)
+                try:
+                    if os.path.getmtime(path) < cutoff:
+                        _make_writable(path)
+                        shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+                except OSError:
+                    pass
+
+    def _evict(self) -> None:
+        entries_dir = os.path.join(self.root, "entries")
+        markers = []
+        for name in os.listdir(entries_dir):
+            if name.endswith(".complete"):
+                path = os.path.join(entries_dir, name)
+                try:
+                    with open(path) as f:
+                        size = json.load(f).get("bytes", 0)
+                    markers.append((os.path.getmtime(path), name[: -len(".complete")], size))
+                except (OSError, ValueError):
+                    continue
+        total = sum(size for _, _, size in markers)
+        for _, key, size in sorted(markers):
+            if total <= self.max_bytes:
+                break
+            if self._remove_unused(key):
+                total -= size
+
+    def _remove_unused(self, key: str) -> bool:
+        entry = self._entry(key)
+        fd = os.open(entry + ".inuse", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False  # some process is running from it
+        try:
+            os.unlink(entry + ".complete")
+            _make_writable(entry)
+            shutil.rmtree(entry, ignore_errors=True)
+            logs.info("evicted bundle from the cache", key=key)
+            return True
+        finally:
+            os.close(fd)
+
+
+def _make_read_only(root: str) -> None:
+    # Tasks share entries: a task writing into its own code dir must not change another pod's code.
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, os.stat(path).st_mode & ~0o222)
+
+
+def _make_writable(root: str) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + dirnames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                try:
+                    os.chmod(path, os.stat(path).st_mode | 0o200)
+                except OSError:
+                    pass
