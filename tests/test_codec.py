@@ -135,3 +135,25 @@ def test_enum_value_not_in_enum():
     lit = to_literal("blue", str, Context())
     with pytest.raises(CodecError, match="'blue' is not a value of Color"):
         to_python(lit, Color)
+
+
+def test_pathlike_round_trip_uploads_and_downloads(tmp_path):
+    import os
+    import pathlib
+
+    src = tmp_path / "report.csv"
+    src.write_text("a,b\n")
+    lit = to_literal(src, os.PathLike, Context(str(tmp_path / "raw")))
+    blob = lit.scalar.blob
+    assert blob.metadata.type.format == "" and blob.uri.startswith(str(tmp_path / "raw")) and blob.uri.endswith("/report.csv")
+    back = to_python(lit, os.PathLike)
+    assert isinstance(back, pathlib.Path) and back.read_text() == "a,b\n" and back != src
+
+
+def test_pickle_reader_checks_the_blob_format(tmp_path):
+    import os
+
+    (tmp_path / "f.txt").write_text("hello")
+    lit = to_literal(str(tmp_path / "f.txt"), os.PathLike, Context(str(tmp_path / "raw")))
+    with pytest.raises(CodecError, match="expected a pickle"):
+        to_python(lit, Opaque)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import os
 import typing
 import uuid
 from dataclasses import dataclass
@@ -91,7 +92,31 @@ def _encode(value, tp, kind, ctx, path) -> L.Literal:
         except structs.StructError as e:
             raise CodecError(str(e)) from None
         return L.Literal(scalar=L.Scalar(binary=L.Binary(value=raw, tag=MSGPACK)))
+    if kind == "file":
+        return _encode_file(value, ctx, path)
     return _encode_pickle(value, tp, ctx, path)
+
+
+def _encode_file(value, ctx, path) -> L.Literal:
+    """A local file is uploaded to <raw prefix>/<random>/<name> (flytekit's FlyteFile layout)."""
+    from flyteidl.core import types_pb2
+
+    from executor import storage
+
+    local = os.fspath(value)
+    if "://" in local and not local.startswith("file://"):
+        uri = local  # already in the store
+    else:
+        if local.startswith("file://"):
+            local = local[len("file://"):]
+        if not os.path.isfile(local):
+            raise CodecError(f"{path}: returned path {local!r} is not an existing file")
+        if not ctx.raw_output_prefix:
+            raise CodecError(f"{path}: returning a file needs --raw-output-data-prefix")
+        uri = storage.join(ctx.raw_output_prefix, uuid.uuid4().hex, os.path.basename(local))
+        storage.upload_file(local, uri)
+    meta = L.BlobMetadata(type=types_pb2.BlobType(format="", dimensionality=types_pb2.BlobType.SINGLE))
+    return L.Literal(scalar=L.Scalar(blob=L.Blob(metadata=meta, uri=uri)))
 
 
 def _encode_union(value, tp, ctx, path) -> L.Literal:
@@ -141,6 +166,8 @@ def _accepts(value, tp, strict: bool) -> bool:
         return isinstance(value, tp) or (isinstance(value, str) and value in {m.value for m in tp})
     if kind == "dataclass":
         return isinstance(value, tp)
+    if kind == "file":
+        return isinstance(value, (str, os.PathLike))
     if kind == "union":
         return any(_accepts(value, v, strict) for v in typing.get_args(tp))
     return True  # pickle takes anything but None
@@ -221,7 +248,14 @@ def to_python(lit: L.Literal, tp: typing.Any, path: str = "value") -> typing.Any
             data = MessageToDict(scalar.generic)
             return data if kind == "untyped_dict" else _from_plain(data, tp, path)
     if kind == "pickle" and scalar is not None and scalar.HasField("blob"):
+        fmt = scalar.blob.metadata.type.format
+        if fmt != PICKLE_FORMAT:
+            raise CodecError(f"{path}: expected a pickle (blob format {PICKLE_FORMAT!r}), got a blob of format {fmt!r} at {scalar.blob.uri}")
         return _load_pickle(scalar.blob.uri, path)
+    if kind == "file" and scalar is not None and scalar.HasField("blob"):
+        if scalar.blob.metadata.type.dimensionality != 0:
+            raise CodecError(f"{path}: expected a single file, got a multipart blob (a directory) at {scalar.blob.uri}")
+        return _download_file(scalar.blob.uri)
     raise CodecError(f"{path}: expected {describe(tp)}, but the literal holds {describe_literal(lit)}")
 
 
@@ -277,6 +311,18 @@ def _load_pickle(uri: str, path: str):
         return pickle.loads(data)
     except Exception as e:
         raise CodecError(f"{path}: cannot unpickle {uri}: {type(e).__name__}: {e}") from None
+
+
+def _download_file(uri: str):
+    """Inputs typed os.PathLike arrive as a local copy (flytekit hands over an undownloaded FlyteFile)."""
+    import pathlib
+    import tempfile
+
+    from executor import storage
+
+    local = os.path.join(tempfile.mkdtemp(prefix="executor-input-"), os.path.basename(uri.rstrip("/")) or "file")
+    storage.download_file(uri, local)
+    return pathlib.Path(local)
 
 
 def _load_offloaded(lit: L.Literal, path: str) -> L.Literal:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import os
 import types
 import typing
 
@@ -34,6 +35,7 @@ _TAGS = {
     "enum": "DefaultEnumTransformer",
     "dataclass": "Object-Dataclass-Transformer",
     "pickle": "FlytePickle",
+    "file": "FlyteFilePath",
     "union": "Typed Union",
 }
 
@@ -67,6 +69,8 @@ def kind_of(tp: typing.Any) -> str:
         return "pickle"
     if tp is dict:
         return "untyped_dict"
+    if tp is os.PathLike:  # flytekit's FlyteFilePathTransformer; pathlib.Path is a pickle there too
+        return "file"
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return "enum"
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
@@ -99,6 +103,8 @@ def literal_type(tp: typing.Any) -> types_pb2.LiteralType:
     if kind == "dataclass":
         # flytekit also attaches a JSON schema as metadata; readers match on simple type and tag only.
         return types_pb2.LiteralType(simple=types_pb2.STRUCT)
+    if kind == "file":
+        return types_pb2.LiteralType(blob=types_pb2.BlobType(format="", dimensionality=types_pb2.BlobType.SINGLE))
     if kind == "union":
         variants = []
         for arg in typing.get_args(tp):
