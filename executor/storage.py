@@ -68,13 +68,11 @@ def read_bytes(uri: str) -> bytes:
         # what we read this way is small, so one GET it is. gcsfs does one GET by default.
         one_request = {"max_concurrency": 1} if uri.startswith(("s3://", "s3a://")) else {}
         return _remote(uri, "read", "cat_file", **one_request)
-    try:
-        with open(path, "rb") as f:
+    with _open_local(uri, path) as f:
+        try:
             return f.read()
-    except FileNotFoundError:
-        raise StorageNotFound(uri) from None
-    except OSError as e:
-        raise StorageError(uri, f"cannot read ({e.strerror}); check the path and its permissions") from e
+        except OSError as e:
+            raise StorageError(uri, f"cannot read ({e.strerror}); check the path and its permissions") from e
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -145,13 +143,7 @@ def download_hashed(uri: str, local_path: str) -> str:
     result: list[str] = []
     src = _local_path(uri)
     if src is not None:
-        try:
-            f = open(src, "rb")
-        except FileNotFoundError:
-            raise StorageNotFound(uri) from None
-        except OSError as e:
-            raise StorageError(uri, f"cannot read ({e.strerror}); check the path and its permissions") from e
-        with f:
+        with _open_local(uri, src) as f:
             _atomic_local_write(uri, local_path, lambda out: result.append(copy(f, out)))
         return result[0]
 
@@ -266,14 +258,17 @@ def _atomic_local_write(uri: str, path: str, write: Callable) -> None:
 def _copy_local(src_uri: str, src: str, dst_uri: str, dst: str) -> None:
     import shutil  # only local copies need it
 
-    try:
-        f = open(src, "rb")
-    except FileNotFoundError:
-        raise StorageNotFound(src_uri) from None
-    except OSError as e:
-        raise StorageError(src_uri, f"cannot read ({e.strerror}); check the path and its permissions") from e
-    with f:
+    with _open_local(src_uri, src) as f:
         _atomic_local_write(dst_uri, dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+
+
+def _open_local(uri: str, path: str):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise StorageNotFound(uri) from None
+    except OSError as e:
+        raise StorageError(uri, f"cannot read ({e.strerror}); check the path and its permissions") from e
 
 
 def _fsync_dir(directory: str) -> None:
