@@ -1,0 +1,214 @@
+"""pyflyte-fast-execute end to end: bundles fetched, verified, extracted safely and cached (real processes)."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from flyteidl.core import errors_pb2, literals_pb2
+
+from executor.bundle.archive import build
+from tests.helpers import DEFAULT_RESOLVER, env_with, write_inputs
+
+TASK_SOURCE = "def add(a: int, b: int) -> int:\n    return a + b\n"
+
+
+def _bundle(tmp_path: Path, source: str = TASK_SOURCE, name: str = "src") -> Path:
+    src = tmp_path / name / "wf"
+    src.mkdir(parents=True)
+    (src / "tasks.py").write_text(source)
+    return Path(build(str(tmp_path / name), str(tmp_path / f"{name}-out")))
+
+
+def _fast_args(bundle_uri: str, inputs: Path, prefix: Path | str, dest: Path, extra: list[str] | None = None):
+    return ["pyflyte-fast-execute", "--additional-distribution", bundle_uri, "--dest-dir", str(dest), *(extra or []), "--",
+            "pyflyte-execute", "--inputs", str(inputs), "--output-prefix", str(prefix), "--raw-output-data-prefix",
+            f"{prefix}/raw", "--resolver", DEFAULT_RESOLVER, "--", "task-module", "wf.tasks", "task-name", "add"]
+
+
+def _run(args, cache: Path, env: dict | None = None, cwd: Path | None = None):
+    return subprocess.run([sys.executable, "-m", "executor", *args], capture_output=True, text=True, timeout=120,
+                          env=env_with({"EXECUTOR_CACHE_DIR": str(cache), **(env or {})}), cwd=str(cwd or "/"))
+
+
+def _error(prefix: Path) -> errors_pb2.ContainerError:
+    doc = errors_pb2.ErrorDocument()
+    doc.ParseFromString((prefix / "error.pb").read_bytes())
+    return doc.error
+
+
+def _o0(prefix: Path) -> int:
+    m = literals_pb2.LiteralMap()
+    m.ParseFromString((prefix / "outputs.pb").read_bytes())
+    return m.literals["o0"].scalar.primitive.integer
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    return write_inputs(tmp_path / "inputs.pb", {"a": 40, "b": 2}, {"a": int, "b": int})
+
+
+def test_miss_then_hit(tmp_path, inputs):
+    bundle = _bundle(tmp_path)
+    cache, dest = tmp_path / "cache", tmp_path / "root"
+    first = _run(_fast_args(str(bundle), inputs, tmp_path / "o1", dest), cache)
+    assert first.returncode == 0, first.stderr
+    assert _o0(tmp_path / "o1") == 42 and "cache=miss" in first.stderr and 'verified="name digest"' in first.stderr
+    bundle.unlink()  # a hit must not need the archive at all
+    second = _run(_fast_args(str(bundle), inputs, tmp_path / "o2", dest), cache)
+    assert second.returncode == 0, second.stderr
+    assert _o0(tmp_path / "o2") == 42 and "cache=hit" in second.stderr
+    assert (dest / "wf").is_symlink() and (dest / "wf" / "tasks.py").read_text() == TASK_SOURCE
+
+
+def test_bundle_wins_over_installed_module(tmp_path, inputs):
+    # An older copy of the module in the working directory must not shadow the bundle's.
+    bundle = _bundle(tmp_path)
+    stale = tmp_path / "cwd" / "wf"
+    stale.mkdir(parents=True)
+    (stale / "tasks.py").write_text("def add(a: int, b: int) -> int:\n    return -1\n")
+    run = _run(_fast_args(str(bundle), inputs, tmp_path / "o", tmp_path / "root"), tmp_path / "cache", cwd=tmp_path / "cwd")
+    assert run.returncode == 0, run.stderr
+    assert _o0(tmp_path / "o") == 42
+
+
+def test_tampered_archive_is_refused_and_nothing_runs(tmp_path, inputs):
+    bundle = _bundle(tmp_path, source="def add(a: int, b: int) -> int:\n    open('/tmp/ran-tampered', 'w')\n    return 0\n")
+    evil = _bundle(tmp_path, source="def add(a: int, b: int) -> int:\n    return 666\n", name="evil")
+    os.replace(evil, bundle)  # same name, other content
+    prefix = tmp_path / "o"
+    run = _run(_fast_args(str(bundle), inputs, prefix, tmp_path / "root"), tmp_path / "cache")
+    assert run.returncode == 0, run.stderr
+    err = _error(prefix)
+    assert err.code == "BUNDLE_INTEGRITY" and err.kind == 0 and "phase: bundle" in err.message
+    assert bundle.name[4:36] in err.message  # names the expected digest
+    assert not (prefix / "outputs.pb").exists()
+    assert not list((tmp_path / "cache" / "entries").glob("*.complete"))
+
+
+def test_explicit_md5_mismatch(tmp_path, inputs):
+    bundle = _bundle(tmp_path)
+    prefix = tmp_path / "o"
+    run = _run(_fast_args(str(bundle), inputs, prefix, tmp_path / "root", ["--bundle-md5", "0" * 32]), tmp_path / "cache")
+    err = _error(prefix)
+    assert err.code == "BUNDLE_INTEGRITY" and "0" * 32 in err.message
+
+
+def test_strict_policy_refuses_unverifiable_bundle(tmp_path, inputs):
+    bundle = _bundle(tmp_path)
+    plain_name = bundle.with_name("code.tar.gz")
+    os.replace(bundle, plain_name)
+    prefix = tmp_path / "o"
+    run = _run(_fast_args(str(plain_name), inputs, prefix, tmp_path / "root"), tmp_path / "cache",
+               env={"EXECUTOR_BUNDLE_VERIFY": "strict"})
+    assert _error(prefix).code == "BUNDLE_INTEGRITY"
+    ok = _run(_fast_args(str(plain_name), inputs, tmp_path / "o2", tmp_path / "root"), tmp_path / "cache")
+    assert ok.returncode == 0 and _o0(tmp_path / "o2") == 42 and "unverified=" in ok.stderr
+
+
+def test_unsafe_bundle(tmp_path, inputs):
+    path = tmp_path / "fast" f"{'1' * 32}.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("../escape.py")
+        data = b"x = 1\n"
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    prefix = tmp_path / "o"
+    _run(_fast_args(str(path), inputs, prefix, tmp_path / "root"), tmp_path / "cache")
+    err = _error(prefix)
+    assert err.code == "BUNDLE_UNSAFE" and "../escape.py" in err.message
+    assert not (tmp_path / "cache" / "escape.py").exists()
+
+
+def test_missing_bundle_is_bundle_fetch(tmp_path, inputs):
+    prefix = tmp_path / "o"
+    _run(_fast_args(str(tmp_path / f"fast{'2' * 32}.tar.gz"), inputs, prefix, tmp_path / "root"), tmp_path / "cache")
+    err = _error(prefix)
+    assert err.code == "BUNDLE_FETCH" and "does not exist" in err.message and err.kind == 0
+
+
+def test_truncated_archive(tmp_path, inputs):
+    bundle = _bundle(tmp_path)
+    data = bundle.read_bytes()
+    bundle.write_bytes(data[: len(data) // 2])
+    prefix = tmp_path / "o"
+    _run(_fast_args(str(bundle), inputs, prefix, tmp_path / "root"), tmp_path / "cache")
+    assert _error(prefix).code == "BUNDLE_INTEGRITY"
+
+
+def test_from_s3_verifies_store_md5(tmp_path, inputs, moto_s3):
+    bundle = _bundle(tmp_path)
+    bucket = moto_s3.make_bucket()
+    moto_s3.put(bucket, f"fast/{bundle.name}", bundle.read_bytes())
+    run = _run(_fast_args(f"s3://{bucket}/fast/{bundle.name}", inputs, tmp_path / "o", tmp_path / "root"),
+               tmp_path / "cache", env=moto_s3.env)
+    assert run.returncode == 0, run.stderr
+    assert _o0(tmp_path / "o") == 42 and "store md5" in run.stderr
+
+
+def test_sixteen_cold_starts_download_once(tmp_path, inputs, moto_s3, fault_proxy):
+    bundle = _bundle(tmp_path)
+    bucket = moto_s3.make_bucket()
+    moto_s3.put(bucket, f"fast/{bundle.name}", bundle.read_bytes())
+    proxy = fault_proxy(moto_s3.host, moto_s3.port)
+    env = {**moto_s3.env, "FLYTE_AWS_ENDPOINT": proxy.endpoint}
+    procs = [subprocess.Popen([sys.executable, "-m", "executor", *_fast_args(
+        f"s3://{bucket}/fast/{bundle.name}", inputs, tmp_path / f"o{i}", tmp_path / "root")],
+        env=env_with({"EXECUTOR_CACHE_DIR": str(tmp_path / "cache"), **env}), cwd="/",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(16)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 16, [r[1][-500:] for r in results]
+    assert all(_o0(tmp_path / f"o{i}") == 42 for i in range(16))
+    gets = [r for r in proxy.requests if r.method == "GET" and bundle.name in r.path]
+    assert len(gets) == 1, proxy.requests
+    assert sum("cache=miss" in r[1] for r in results) == 1
+
+
+def test_killed_extraction_is_repaired(tmp_path, inputs):
+    """A process killed mid-build leaves staging and a partial entry; the next run rebuilds cleanly."""
+    bundle = _bundle(tmp_path)
+    cache = tmp_path / "cache"
+    key = bundle.name[4:36]
+    # What kill -9 between rename and marker leaves behind: an entry without .complete, plus staging debris.
+    (cache / "entries" / key / "wf").mkdir(parents=True)
+    (cache / "entries" / key / "wf" / "tasks.py").write_text("def add(a, b):\n    return 'half-written'\n")
+    (cache / "staging" / f"{key}.dead").mkdir(parents=True)
+    run = _run(_fast_args(str(bundle), inputs, tmp_path / "o", tmp_path / "root"), cache)
+    assert run.returncode == 0, run.stderr
+    assert _o0(tmp_path / "o") == 42 and "cache=miss" in run.stderr
+    assert (cache / "entries" / f"{key}.complete").exists()
+
+
+def test_kill_9_during_extraction(tmp_path, inputs):
+    """SIGKILL a real process while it extracts a large bundle; the next run succeeds."""
+    src = tmp_path / "big" / "wf"
+    src.mkdir(parents=True)
+    (src / "tasks.py").write_text(TASK_SOURCE)
+    for i in range(400):
+        (src / f"data{i}.bin").write_bytes(os.urandom(64 << 10))
+    bundle = Path(build(str(tmp_path / "big"), str(tmp_path / "big-out")))
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-m", "executor", *_fast_args(str(bundle), inputs, tmp_path / "o1", tmp_path / "root")],
+                            env=env_with({"EXECUTOR_CACHE_DIR": str(cache)}), cwd="/", stderr=subprocess.PIPE)
+    staging = cache / "staging"
+    import time
+
+    deadline = time.time() + 60
+    while time.time() < deadline and not (staging.exists() and any(staging.iterdir())):
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    run = _run(_fast_args(str(bundle), inputs, tmp_path / "o2", tmp_path / "root"), cache)
+    assert run.returncode == 0, run.stderr
+    assert _o0(tmp_path / "o2") == 42
+
+
+def test_usage_errors(tmp_path):
+    run = _run(["pyflyte-fast-execute", "--additional-distribution", "x"], tmp_path / "cache")
+    assert run.returncode == 2 and "--" in run.stderr
+    run = _run(["pyflyte-fast-execute", "--", "ls"], tmp_path / "cache")
+    assert run.returncode == 2 and "pyflyte-execute" in run.stderr
