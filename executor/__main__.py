@@ -1,3 +1,3 @@
-from executor.cli import main
+from executor.cli import run
 
-raise SystemExit(main())
+run()

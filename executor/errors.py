@@ -7,7 +7,6 @@ is RECOVERABLE, as under flytekit's own entrypoint.
 from __future__ import annotations
 
 import os
-import traceback
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -119,6 +118,8 @@ def _is_user_frame(filename: str) -> bool:
 
 def format_user_traceback(exc: BaseException) -> str:
     """The traceback of `exc` (and its causes) with the executor's and the SDK's own frames removed."""
+    import traceback
+
     parts: list[str] = []
     seen: set[int] = set()
     chain: list[BaseException] = []

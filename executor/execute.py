@@ -54,6 +54,14 @@ def _phase(name: str, diagnostics: Diagnostics):
         diagnostics.phases_ms[name] = (time.perf_counter() - start) * 1000
 
 
+def _resume_gc() -> None:
+    import gc
+
+    if not gc.isenabled():
+        gc.freeze()  # what the imports built lives for the whole process: keep it out of every collection
+        gc.enable()
+
+
 def _read_inputs(invocation: Invocation):
     try:
         data = storage.read_bytes(invocation.inputs_uri)
@@ -82,6 +90,7 @@ def run_invocation(invocation: Invocation) -> Result:
 
             runnable = loader.load(invocation)
             task_name = f"{runnable.name} ({runnable.kind})"
+        _resume_gc()
         if invocation.test:
             logs.info("test run: task loaded, not executed", task=task_name)
             return Result("test", 0)

@@ -7,10 +7,8 @@ including the older JSON-struct dataclass format and offloaded literals.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import typing
-import uuid
 from dataclasses import dataclass
 
 from flyteidl.core import literals_pb2 as L
@@ -113,7 +111,7 @@ def _encode_file(value, ctx, path) -> L.Literal:
             raise CodecError(f"{path}: returned path {local!r} is not an existing file")
         if not ctx.raw_output_prefix:
             raise CodecError(f"{path}: returning a file needs --raw-output-data-prefix")
-        uri = storage.join(ctx.raw_output_prefix, uuid.uuid4().hex, os.path.basename(local))
+        uri = storage.join(ctx.raw_output_prefix, os.urandom(16).hex(), os.path.basename(local))
         storage.upload_file(local, uri)
     meta = L.BlobMetadata(type=types_pb2.BlobType(format="", dimensionality=types_pb2.BlobType.SINGLE))
     return L.Literal(scalar=L.Scalar(blob=L.Blob(metadata=meta, uri=uri)))
@@ -184,8 +182,10 @@ def _encode_pickle(value, tp, ctx, path) -> L.Literal:
         data = cloudpickle.dumps(value)
     except Exception as e:
         raise CodecError(f"{path}: cannot pickle {type(value).__name__}: {e}") from None
+    import hashlib
+
     # Same layout as flytekit: <raw prefix>/<random>/<md5 of the pickle>
-    uri = storage.join(ctx.raw_output_prefix, uuid.uuid4().hex, hashlib.md5(data).hexdigest())
+    uri = storage.join(ctx.raw_output_prefix, os.urandom(16).hex(), hashlib.md5(data).hexdigest())
     storage.write_bytes(uri, data)
     from flyteidl.core import types_pb2
 

@@ -10,8 +10,6 @@ import datetime
 import enum
 import typing
 
-import msgpack
-
 from executor.literals.types import NoneType, is_union, strip_annotated
 
 
@@ -20,10 +18,14 @@ class StructError(ValueError):
 
 
 def pack(data: typing.Any) -> bytes:
+    import msgpack  # only tasks with dataclasses or dicts pay for it
+
     return msgpack.packb(data, use_bin_type=True)
 
 
 def unpack(raw: bytes) -> typing.Any:
+    import msgpack
+
     return msgpack.unpackb(raw, raw=False, strict_map_key=False)
 
 

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
-import uuid
 
 from flyteidl.core import errors_pb2, literals_pb2
 
@@ -43,12 +41,12 @@ def error_file_name() -> str:
     """error.pb, or error-<unique>.pb when several workers of one task report (flytekit's naming)."""
     if not distributed_error_strategy():
         return ERROR_FILE
-    return f"error-{uuid.uuid4().hex}.pb"
+    return f"error-{os.urandom(16).hex()}.pb"
 
 
 def worker_name() -> str:
     # flytekit leaves this empty outside distributed tasks; the pod name is more useful to a reader.
-    return _get_one_of("FLYTE_INTERNAL_WORKER_NAME", "_F_WN") or os.environ.get("HOSTNAME") or socket.gethostname()
+    return _get_one_of("FLYTE_INTERNAL_WORKER_NAME", "_F_WN") or os.environ.get("HOSTNAME") or os.uname().nodename
 
 
 def error_document(failure: TaskFailure, message: str, when: float | None = None) -> errors_pb2.ErrorDocument:

@@ -5,9 +5,6 @@ and replaced in outputs.pb by an `offloaded_metadata` literal pointing at it.
 """
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import os
 
 from executor import storage
@@ -19,6 +16,10 @@ MIB = 1024 * 1024
 
 def _hash_string(literal) -> str:
     """flytekit's compute_hash_string: sha256 over sorted, compact JSON of the message, base64."""
+    import base64
+    import hashlib
+    import json
+
     from google.protobuf import json_format
 
     text = json.dumps(json_format.MessageToDict(literal), sort_keys=True, separators=(",", ":"))
