@@ -152,6 +152,13 @@ class Diagnostics:
         return f"{phases or 'no phase completed'} · peak RSS {self.peak_rss_bytes / 2**20:.1f} MiB"
 
 
+def _traceback_helps(failure: TaskFailure) -> bool:
+    """Storage and bundle failures are explained by their message; their frames are library plumbing."""
+    if failure.code in ("BUNDLE_FETCH", "BUNDLE_INTEGRITY", "BUNDLE_UNSAFE", "OUTPUT_UPLOAD", "SECRET_MISSING"):
+        return False
+    return type(failure.cause).__name__ not in ("StorageError", "StorageNotFound")
+
+
 def render_message(failure: TaskFailure, task: str, diagnostics: Diagnostics) -> str:
     """The text a person reads in the Flyte console: what failed, where, why, and what to do."""
     attempt = os.environ.get("FLYTE_ATTEMPT_NUMBER", "0")
@@ -163,7 +170,7 @@ def render_message(failure: TaskFailure, task: str, diagnostics: Diagnostics) ->
     if failure.hint:
         lines.append(f"  hint: {failure.hint}")
     lines.append(f"  timings: {diagnostics.timings_text()}")
-    trace = failure.user_traceback()
+    trace = failure.user_traceback() if _traceback_helps(failure) else ""
     if trace:
         lines.extend(["", trace.rstrip("\n")])
     return "\n".join(lines)

@@ -212,3 +212,86 @@ def test_usage_errors(tmp_path):
     assert run.returncode == 2 and "--" in run.stderr
     run = _run(["pyflyte-fast-execute", "--", "ls"], tmp_path / "cache")
     assert run.returncode == 2 and "pyflyte-execute" in run.stderr
+
+
+# --- bundles from other stores, other builders, and unreliable networks -----------------------------
+
+def test_from_gcs_verifies_store_md5(tmp_path, inputs, gcs_emulator):
+    bundle = _bundle(tmp_path)
+    bucket = gcs_emulator.make_bucket()
+    gcs_emulator.put(bucket, f"fast/{bundle.name}", bundle.read_bytes())
+    run = _run(_fast_args(f"gs://{bucket}/fast/{bundle.name}", inputs, tmp_path / "o", tmp_path / "root"),
+               tmp_path / "cache", env=gcs_emulator.env)
+    assert run.returncode == 0, run.stderr
+    assert _o0(tmp_path / "o") == 42 and "store md5" in run.stderr and "name digest" in run.stderr
+
+
+def _s3_bundle_behind_proxy(tmp_path, moto_s3, fault_proxy):
+    bundle = _bundle(tmp_path)
+    bucket = moto_s3.make_bucket()
+    moto_s3.put(bucket, f"fast/{bundle.name}", bundle.read_bytes())
+    proxy = fault_proxy(moto_s3.host, moto_s3.port)
+    env = {**moto_s3.env, "FLYTE_AWS_ENDPOINT": proxy.endpoint, "EXECUTOR_STORAGE_RETRY_BASE_DELAY": "0.05"}
+    return f"s3://{bucket}/fast/{bundle.name}", proxy, env
+
+
+def test_slowdown_storm_then_success(tmp_path, inputs, moto_s3, fault_proxy):
+    from tests.rig.object_stores import SLOWDOWN
+
+    uri, proxy, env = _s3_bundle_behind_proxy(tmp_path, moto_s3, fault_proxy)
+    proxy.rule = lambda request: SLOWDOWN if request.method == "GET" and proxy.count <= 3 else None
+    run = _run(_fast_args(uri, inputs, tmp_path / "o", tmp_path / "root"), tmp_path / "cache", env=env)
+    assert run.returncode == 0, run.stderr
+    assert _o0(tmp_path / "o") == 42
+    assert "retry" in run.stderr.lower()
+
+
+def test_dropped_and_truncated_downloads_are_retried(tmp_path, inputs, moto_s3, fault_proxy):
+    from tests.rig.object_stores import DROP, truncate
+
+    uri, proxy, env = _s3_bundle_behind_proxy(tmp_path, moto_s3, fault_proxy)
+    proxy.enqueue(DROP, truncate(100))
+    run = _run(_fast_args(uri, inputs, tmp_path / "o", tmp_path / "root"), tmp_path / "cache", env=env)
+    assert run.returncode == 0, run.stderr
+    assert _o0(tmp_path / "o") == 42 and proxy.count >= 3
+
+
+def test_persistent_storm_gives_bundle_fetch(tmp_path, inputs, moto_s3, fault_proxy):
+    from tests.rig.object_stores import SLOWDOWN
+
+    uri, proxy, env = _s3_bundle_behind_proxy(tmp_path, moto_s3, fault_proxy)
+    proxy.default = SLOWDOWN
+    env.update({"EXECUTOR_STORAGE_RETRY_ATTEMPTS": "3", "EXECUTOR_STORAGE_RETRY_DEADLINE": "5",
+                "FLYTE_AWS_ENDPOINT": proxy.endpoint})
+    prefix = tmp_path / "o"
+    run = _run(_fast_args(uri, inputs, prefix, tmp_path / "root"), tmp_path / "cache", env=env)
+    assert run.returncode == 0, run.stderr
+    err = _error(prefix)
+    assert err.code == "BUNDLE_FETCH" and err.kind == 1 and "SlowDown" in err.message
+    assert "Traceback" not in err.message  # a storage failure is its message, not library frames
+
+
+@pytest.mark.oracle
+def test_bundle_built_by_flytekit_fast_package(tmp_path, flytekit_oracle, inputs):
+    src = tmp_path / "src" / "wf"
+    src.mkdir(parents=True)
+    (src / "tasks.py").write_text(TASK_SOURCE)
+    (src / "__init__.py").write_text("")
+    out = tmp_path / "fk-out"
+    out.mkdir()
+    script = (
+        "import sys\n"
+        "from flytekit.tools.fast_registration import fast_package, FastPackageOptions\n"
+        "from flytekit.constants import CopyFileDetection\n"
+        "print(fast_package(sys.argv[1], sys.argv[2], options=FastPackageOptions(ignores=[], copy_style=CopyFileDetection.ALL)))\n"
+    )
+    proc = subprocess.run([flytekit_oracle.python, "-c", script, str(tmp_path / "src"), str(out)],
+                          capture_output=True, text=True, env=flytekit_oracle.env())
+    assert proc.returncode == 0, proc.stderr
+    fk_bundle = Path(proc.stdout.strip().splitlines()[-1].strip("'"))
+    ours = Path(build(str(tmp_path / "src"), str(tmp_path / "ours-out")))
+    assert fk_bundle.name == ours.name, "same files must give the same fast<digest> name"
+    assert fk_bundle.read_bytes() == ours.read_bytes(), "the archives must be byte-identical"
+    run = _run(_fast_args(str(fk_bundle), inputs, tmp_path / "o", tmp_path / "root"), tmp_path / "cache")
+    assert run.returncode == 0, run.stderr
+    assert _o0(tmp_path / "o") == 42 and 'verified="name digest"' in run.stderr

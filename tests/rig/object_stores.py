@@ -276,7 +276,7 @@ class FaultProxy:
     rule: Callable[[Request], Fault | None] | None = None  # consulted before queue and default
     requests: list[Request] = field(default_factory=list)
     _queue: list[Fault] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _lock: threading.RLock = field(default_factory=threading.RLock)  # rules may read .count
     _stopped: threading.Event = field(default_factory=threading.Event)
     _listener: socket.socket | None = None
     _thread: threading.Thread | None = None
