@@ -129,36 +129,57 @@ def upload_file(local_path: str, uri: str) -> None:
     _remote(uri, "upload", "put_file", local_path, path_last=True)
 
 
-def download_hashed(uri: str, local_path: str) -> str:
-    """Download uri to local_path (atomically) and return the md5 hex of the bytes, in one pass."""
+def download_hashed(uri: str, local_path: str) -> tuple[str, str | None]:
+    """Download uri to local_path atomically, in one pass over the bytes.
+
+    Returns (md5 hex of the bytes, the md5 the store itself keeps or None). Objects of at least
+    EXECUTOR_PARALLEL_DOWNLOAD_BYTES (default 64 MiB) are fetched as parallel ranged GETs, hashed
+    in order as the parts arrive.
+    """
     import hashlib
 
-    def copy(reader, out) -> str:
-        hasher = hashlib.md5()
-        while chunk := reader.read(1 << 20):
-            hasher.update(chunk)
-            out.write(chunk)
-        return hasher.hexdigest()
-
-    result: list[str] = []
     src = _local_path(uri)
     if src is not None:
-        with _open_local(uri, src) as f:
-            _atomic_local_write(uri, local_path, lambda out: result.append(copy(f, out)))
-        return result[0]
+        result: list[str] = []
 
-    def attempt(timeout: float) -> str:
+        def copy_local(out) -> None:
+            hasher = hashlib.md5()
+            with _open_local(uri, src) as f:
+                while chunk := f.read(1 << 20):
+                    hasher.update(chunk)
+                    out.write(chunk)
+            result.append(hasher.hexdigest())
+
+        _atomic_local_write(uri, local_path, copy_local)
+        return result[0], None
+
+    threshold = int(os.environ.get("EXECUTOR_PARALLEL_DOWNLOAD_BYTES", 64 << 20))
+    part = int(os.environ.get("EXECUTOR_DOWNLOAD_PART_BYTES", 16 << 20))
+
+    def attempt(timeout: float) -> tuple[str, str | None]:
         # Not _atomic_local_write: a network error mid-stream must reach the retry policy as itself.
         fs = _filesystem(uri)
+        path = fs._strip_protocol(uri)
+        info = fs.info(path)
+        size = int(info.get("size") or 0)
+        hasher = hashlib.md5()
         tmp = _temp_path(local_path)
         try:
-            with fs.open(fs._strip_protocol(uri), "rb", block_size=8 << 20) as reader, open(tmp, "wb") as out:
-                digest = copy(reader, out)
+            with open(tmp, "wb") as out:
+                if size >= threshold:
+                    _ranged_copy(fs, path, size, part, out, hasher)
+                else:
+                    with fs.open(path, "rb", block_size=8 << 20) as reader:
+                        while chunk := reader.read(1 << 20):
+                            hasher.update(chunk)
+                            out.write(chunk)
+                if out.tell() != size:
+                    raise _Truncated(f"got {out.tell()} of {size} bytes")
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, local_path)
             tmp = None
-            return digest
+            return hasher.hexdigest(), md5_from_info(info)
         finally:
             if tmp is not None:
                 _remove_quietly(tmp)
@@ -166,11 +187,37 @@ def download_hashed(uri: str, local_path: str) -> str:
     return _with_retries(uri, "download", attempt)
 
 
-def stored_md5(uri: str) -> str | None:
-    """The md5 the store itself keeps for an object (S3 ETag of a single-part put, GCS md5Hash), if any."""
-    if _local_path(uri) is not None:
-        return None
-    info = _remote(uri, "stat", "info")
+class _Truncated(ConnectionError):
+    """A body shorter than the object: transient (the connection dropped)."""
+
+
+def _ranged_copy(fs, path: str, size: int, part: int, out, hasher, workers: int = 4) -> None:
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    ranges = iter([(start, min(start + part, size)) for start in range(0, size, part)])
+    with ThreadPoolExecutor(workers, thread_name_prefix="executor-download") as pool:
+        window: deque = deque()
+
+        def submit() -> None:
+            span = next(ranges, None)
+            if span is not None:
+                window.append((span, pool.submit(fs.cat_file, path, start=span[0], end=span[1])))
+
+        for _ in range(workers * 2):  # a bounded window: at most 2 parts per worker in memory
+            submit()
+        while window:
+            (start, end), future = window.popleft()
+            data = future.result()
+            if len(data) != end - start:
+                raise _Truncated(f"range {start}-{end} returned {len(data)} bytes")
+            hasher.update(data)
+            out.write(data)
+            submit()
+
+
+def md5_from_info(info: dict) -> str | None:
+    """The md5 a store keeps for an object: S3 ETag of a single-part put, or GCS md5Hash."""
     etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
     if len(etag) == 32 and "-" not in etag:
         return etag.lower()

@@ -110,13 +110,13 @@ class BundleCache:
         download = os.path.join(self.root, "downloads", f"{uuid.uuid4().hex}.tar.gz")
         try:
             try:
-                archive_md5 = storage.download_hashed(ref.uri, download)
+                archive_md5, stored = storage.download_hashed(ref.uri, download)
             except storage.StorageNotFound:
                 raise TaskFailure("BUNDLE_FETCH", f"code bundle {ref.uri} does not exist", recoverable=False,
                                   hint="was the bundle uploaded by registration? check --additional-distribution / --tgz") from None
             except storage.StorageError as e:
                 raise TaskFailure("BUNDLE_FETCH", f"cannot download code bundle: {e}", cause=e) from None
-            verified, unverified = self._verify_archive(ref, archive_md5)
+            verified, unverified = self._verify_archive(ref, archive_md5, stored)
             key = key or f"a{archive_md5}"
             staging = os.path.join(self.root, "staging", f"{key}.{uuid.uuid4().hex}")
             os.makedirs(staging)
@@ -146,7 +146,7 @@ class BundleCache:
             except OSError:
                 pass
 
-    def _verify_archive(self, ref: BundleRef, archive_md5: str) -> tuple[list[str], list[str]]:
+    def _verify_archive(self, ref: BundleRef, archive_md5: str, stored: str | None) -> tuple[list[str], list[str]]:
         verified: list[str] = []
         unverified: list[str] = []
         if ref.policy == "off":
@@ -157,11 +157,6 @@ class BundleCache:
                                   f"code bundle {ref.uri}: archive md5 is {archive_md5}, expected {ref.archive_md5}",
                                   hint="the bundle changed since the expected md5 was recorded; nothing from it was run")
             verified.append("given archive md5")
-        try:
-            stored = storage.stored_md5(ref.uri)
-        except storage.StorageError as e:
-            stored = None
-            logs.warning("could not read the store's md5 of the bundle", uri=ref.uri, reason=str(e))
         if stored:
             if stored != archive_md5:
                 raise TaskFailure("BUNDLE_INTEGRITY",
