@@ -141,7 +141,9 @@ Tools:
   bundle build SRC OUT  write fast<digest>.tar.gz for SRC, named exactly as flytekit names it
   run MODULE.FUNC -i NAME=JSON ...
                         run a task locally against a directory store, print its outputs
-  inspect FILE          print an inputs/outputs/error .pb file as JSON
+  inspect FILE          print an inputs/outputs/error/TaskTemplate .pb file as JSON
+  replay [PREFIX] --argv-file F | --task M.T [--inputs URI] [--bundle URI] [--out DIR]
+                        rerun a pod's invocation locally into a fresh directory
   version               print the executor's version
 
 Environment: LOG_FORMAT=json for JSON logs; FLYTE_FAIL_ON_ERROR=true to exit 1 after writing error.pb.
@@ -241,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
             from executor.inspect import main as inspect_main
 
             return inspect_main(rest)
+        if command == "replay":
+            from executor.replay import main as replay_main
+
+            return replay_main(rest)
         if command in ("version", "--version"):
             from executor import __version__
 

@@ -15,7 +15,7 @@ import time
 from executor import logs, storage
 from executor.errors import Diagnostics, TaskFailure, render_message
 from executor.invocation import Invocation, Result
-from executor.protocol import flyte1
+from executor.protocol import OUTPUTS_FILE, for_invocation
 from executor.protocol.offload import offload_large_outputs
 
 # A failure that escapes a phase unclassified gets this code.
@@ -72,7 +72,7 @@ def _read_inputs(invocation: Invocation):
             hint="the backend writes inputs.pb before starting the pod; check --inputs and the storage credentials",
             recoverable=True,
         ) from None
-    return flyte1.parse_inputs(data, invocation.inputs_uri)
+    return for_invocation(invocation).parse_inputs(data, invocation.inputs_uri)
 
 
 def run_invocation(invocation: Invocation) -> Result:
@@ -104,9 +104,12 @@ def run_invocation(invocation: Invocation) -> Result:
                 files = offload_large_outputs(files, invocation.output_prefix, runnable.output_literal_types())
         with _phase("upload", diagnostics):
             written = []
+            protocol = for_invocation(invocation)
             for name, message in files.items():
                 uri = storage.join(invocation.output_prefix, name)
-                storage.write_bytes(uri, message.SerializeToString())
+                # outputs.pb is last in `files`: it is written only once everything it points at is
+                data = protocol.outputs_bytes(message) if name == OUTPUTS_FILE else message.SerializeToString()
+                storage.write_bytes(uri, data)
                 written.append(uri)
         result = Result("success", 0, written)
     except TaskFailure as failure:
@@ -137,10 +140,11 @@ def _fail_on_error() -> bool:
 def _report_failure(failure: TaskFailure, invocation: Invocation, task: str, diagnostics: Diagnostics) -> Result:
     diagnostics.peak_rss_bytes = peak_rss_bytes()
     message = logs.redact(render_message(failure, task, diagnostics))
-    document = flyte1.error_document(failure, message)
+    protocol = for_invocation(invocation)
+    document = protocol.error_document(failure, message)
     logs.error("task failed", code=failure.code, phase=failure.phase or "-", task=task)
     sys.stderr.write(message + "\n")
-    uri = storage.join(invocation.output_prefix, flyte1.error_file_name())
+    uri = storage.join(invocation.output_prefix, protocol.error_file_name())
     try:
         storage.write_bytes(uri, document.SerializeToString())
     except Exception as e:

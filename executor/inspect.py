@@ -1,7 +1,8 @@
 """`executor inspect FILE`: any inputs/outputs/error/futures/TaskTemplate .pb as readable JSON.
 
 Protobuf parses almost any bytes as almost any message, so the type comes from the file name
-(inputs.pb, outputs.pb, error*.pb, futures.pb, *template*.pb) unless --type says otherwise.
+(inputs.pb, outputs.pb, error*.pb, futures.pb, *template*.pb, task*.pb, and `pyflyte package`'s
+NN_<name>_1.pb TaskSpecs) unless --type says otherwise.
 """
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import argparse
 import datetime
 import json
 import os
+import re
 import sys
 
-_TYPES = ("literal-map", "error", "futures", "task-template")
+_TYPES = ("literal-map", "error", "futures", "task-template", "task-spec")
+_PACKAGED_TASK = re.compile(r"^\d+_.+_1\.pb$")  # flytekit's persist_registrable_entities: admin.TaskSpec
 
 
 def _guess_type(path: str) -> str:
@@ -20,6 +23,8 @@ def _guess_type(path: str) -> str:
         return "error"
     if name.startswith("futures"):
         return "futures"
+    if _PACKAGED_TASK.match(name):
+        return "task-spec"
     if "template" in name or name.startswith("task"):
         return "task-template"
     return "literal-map"
@@ -38,6 +43,10 @@ def _message_class(kind: str):
         from flyteidl.core.tasks_pb2 import TaskTemplate
 
         return TaskTemplate
+    if kind == "task-spec":
+        from flyteidl.admin.task_pb2 import TaskSpec
+
+        return TaskSpec
     from flyteidl.core.literals_pb2 import LiteralMap
 
     return LiteralMap
@@ -88,6 +97,59 @@ def literal_value(lit) -> object:
     return {kind: "(not rendered)"}
 
 
+def _type_name(literal_type) -> str:
+    """A LiteralType as a short readable string: integer, list[string], map[float], blob:csv, ..."""
+    which = literal_type.WhichOneof("type")
+    if which == "simple":
+        from flyteidl.core.types_pb2 import SimpleType
+
+        return SimpleType.Name(literal_type.simple).lower()
+    if which == "collection_type":
+        return f"list[{_type_name(literal_type.collection_type)}]"
+    if which == "map_value_type":
+        return f"map[{_type_name(literal_type.map_value_type)}]"
+    if which == "union_type":
+        return "union[" + ", ".join(_type_name(v) for v in literal_type.union_type.variants) + "]"
+    if which == "blob":
+        return f"blob:{literal_type.blob.format or 'any'}"
+    if which == "enum_type":
+        return "enum[" + ", ".join(literal_type.enum_type.values) + "]"
+    if which == "structured_dataset_type":
+        return f"structured_dataset:{literal_type.structured_dataset_type.format or 'any'}"
+    return which or "none"
+
+
+def template_summary(t) -> dict:
+    """What a person debugging a pod wants from a TaskTemplate, before the full protobuf."""
+    from flyteidl.core.tasks_pb2 import Resources
+
+    md = t.metadata
+    summary: dict = {
+        "task": f"{t.id.project}/{t.id.domain}/{t.id.name}@{t.id.version}",
+        "type": t.type,
+        "inputs": {k: _type_name(v.type) for k, v in t.interface.inputs.variables.items()},
+        "outputs": {k: _type_name(v.type) for k, v in t.interface.outputs.variables.items()},
+        "timeout": f"{md.timeout.ToTimedelta().total_seconds()}s" if md.HasField("timeout") else None,
+        "retries": md.retries.retries,
+        "interruptible": md.interruptible,
+        "cache": {"version": md.discovery_version} if md.discoverable else None,
+    }
+    if t.HasField("container"):
+        c = t.container
+        summary["image"] = c.image
+        summary["args"] = list(c.args)
+        summary["env"] = {kv.key: kv.value for kv in c.env}
+        summary["resources"] = {
+            side: {Resources.ResourceName.Name(e.name).lower(): e.value for e in getattr(c.resources, side)}
+            for side in ("requests", "limits")
+        }
+    summary["secrets"] = [
+        {"group": s.group, "key": s.key, "mount": {0: "any", 1: "env_var", 2: "file"}.get(s.mount_requirement, "?")}
+        for s in t.security_context.secrets
+    ]
+    return summary
+
+
 def describe_file(data: bytes, kind: str) -> dict:
     from google.protobuf.json_format import MessageToDict
 
@@ -98,6 +160,8 @@ def describe_file(data: bytes, kind: str) -> dict:
         out["values"] = {k: literal_value(v) for k, v in message.literals.items()}
     if kind == "error":
         out["message_text"] = message.error.message
+    if kind in ("task-template", "task-spec"):
+        out["summary"] = template_summary(message.template if kind == "task-spec" else message)
     out["proto"] = MessageToDict(message, preserving_proto_field_name=True)
     return out
 
@@ -106,7 +170,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="executor inspect", description=__doc__.splitlines()[0])
     parser.add_argument("file", help="a path or URI (s3://, gs://, file://)")
     parser.add_argument("--type", choices=_TYPES, help="override the type guessed from the file name")
-    parser.add_argument("--values-only", action="store_true", help="print only the decoded values / error text")
+    parser.add_argument("--values-only", action="store_true", help="print only the decoded values / error text / template summary")
     ns = parser.parse_args(argv)
     from executor import storage
 
@@ -125,6 +189,6 @@ def main(argv: list[str]) -> int:
         if kind == "error":
             print(described["message_text"])
             return 0
-        described = described.get("values", described["proto"])
+        described = described.get("values", described.get("summary", described["proto"]))
     print(json.dumps(described, indent=2, default=str))
     return 0

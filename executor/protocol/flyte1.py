@@ -8,8 +8,8 @@ from flyteidl.core import errors_pb2, literals_pb2
 
 from executor.errors import Diagnostics, TaskFailure
 
-OUTPUTS_FILE = "outputs.pb"
-FUTURES_FILE = "futures.pb"
+from executor.protocol import FUTURES_FILE, OUTPUTS_FILE  # noqa: F401  (re-exported)
+
 ERROR_FILE = "error.pb"
 
 
@@ -24,6 +24,10 @@ def parse_inputs(data: bytes, uri: str) -> literals_pb2.LiteralMap:
             hint="the file is corrupt or was written by something else; `executor inspect` shows what it holds",
         ) from None
     return inputs
+
+
+def outputs_bytes(outputs: literals_pb2.LiteralMap) -> bytes:
+    return outputs.SerializeToString()
 
 
 def _get_one_of(*names: str) -> str:
