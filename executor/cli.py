@@ -52,6 +52,7 @@ def _build_parser(command: str):
     for flag in _COMMON_FLAGS:
         parser.add_argument(flag, required=flag in ("--inputs", "--output-prefix"), metavar="VALUE")
     parser.add_argument("--test", action="store_true", help="load the task and stop (dry run)")
+    _add_runtime_flags(parser)
     if command == "pyflyte-map-execute":
         parser.add_argument("--max-concurrency", type=int, metavar="N")
     parser.add_argument("resolver_args", nargs="*", help="resolver arguments (after --)")
@@ -78,10 +79,13 @@ def parse_fast_execute(argv: list[str]) -> Invocation:
     parser.add_argument("--additional-distribution", metavar="URI")
     parser.add_argument("--dest-dir", metavar="DIR")
     parser.add_argument("--bundle-md5", metavar="MD5", help="expected md5 of the archive (also EXECUTOR_BUNDLE_MD5)")
+    _add_runtime_flags(parser)
     ns = parser.parse_args(own)
     if not inner or inner[0] not in ("pyflyte-execute", "pyflyte-map-execute"):
         raise UsageError(f"executor pyflyte-fast-execute: after '--' expected pyflyte-execute or pyflyte-map-execute, got {inner[:1]}")
     invocation = parse_flyte1(inner[0], inner[1:])
+    outer = {k: v for k, v in _runtime_fields(ns).items() if v is not None}
+    invocation = dataclasses.replace(invocation, **outer)
     distribution = _optional(ns.additional_distribution)
     if distribution is None:
         return invocation
@@ -93,6 +97,18 @@ def parse_fast_execute(argv: list[str]) -> Invocation:
         dynamic_dest_dir=dest_dir,
         bundle=BundleSpec(uri=distribution, dest_dir=dest_dir, archive_md5=ns.bundle_md5),
     )
+
+
+def _add_runtime_flags(parser) -> None:
+    """Our additions to every front-end (flytekit's argv never contains them)."""
+    parser.add_argument("--task-template", metavar="URI", help="TaskTemplate .pb: env, timeout, retries, secrets")
+    parser.add_argument("--secrets-dir", metavar="DIR", help="local secrets as DIR/group/key files (debugging)")
+    parser.add_argument("--grace-period", type=float, metavar="SECONDS",
+                        help="SIGTERM to SIGKILL grace for the task (default EXECUTOR_GRACE_SECONDS or 25)")
+
+
+def _runtime_fields(ns) -> dict:
+    return {"task_template": ns.task_template, "secrets_dir": ns.secrets_dir, "grace_seconds": ns.grace_period}
 
 
 def parse_flyte1(command: str, argv: list[str]) -> Invocation:
@@ -126,6 +142,7 @@ def parse_flyte1(command: str, argv: list[str]) -> Invocation:
         is_map_task=is_map,
         max_concurrency=getattr(ns, "max_concurrency", None),
         test=ns.test,
+        **_runtime_fields(ns),
     )
 
 
@@ -221,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
             if rest in (["-h"], ["--help"]):
                 sys.stdout.write(_FAST_HELP)
                 return 0
-            from executor.execute import run_invocation
+            from executor.supervisor import supervise
 
-            return run_invocation(parse_fast_execute(rest)).exit_code
+            return supervise(parse_fast_execute(rest)).exit_code
         if command == "bundle":
             return _bundle_command(rest)
         if command in ("pyflyte-execute", "pyflyte-map-execute"):
@@ -232,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                 _build_parser(command).print_help()
                 return 0
             invocation = parse_flyte1(command, rest)
-            from executor.execute import run_invocation
+            from executor.supervisor import supervise
 
-            return run_invocation(invocation).exit_code
+            return supervise(invocation).exit_code
         if command == "run":
             from executor.local_run import main as run_main
 

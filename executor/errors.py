@@ -38,6 +38,7 @@ _CLASSES = [
     FailureClass("BUNDLE_FETCH", Origin.SYSTEM, Kind.RECOVERABLE, "the code bundle could not be downloaded"),
     FailureClass("BUNDLE_INTEGRITY", Origin.SYSTEM, Kind.NON_RECOVERABLE, "the code bundle does not match its digest"),
     FailureClass("BUNDLE_UNSAFE", Origin.USER, Kind.NON_RECOVERABLE, "the code bundle contains a member that is refused"),
+    FailureClass("TEMPLATE_INVALID", Origin.SYSTEM, Kind.NON_RECOVERABLE, "the TaskTemplate or runtime settings are unusable"),
     FailureClass("SECRET_MISSING", Origin.USER, Kind.NON_RECOVERABLE, "a secret the task requests is not available"),
     FailureClass("IMPORT", Origin.USER, Kind.NON_RECOVERABLE, "the task could not be imported"),
     FailureClass("INPUT_DECODE", Origin.SYSTEM, Kind.NON_RECOVERABLE, "the inputs do not fit the task's signature"),
@@ -73,6 +74,7 @@ class TaskFailure(Exception):
         self.hint = hint
         self._recoverable = recoverable
         self.phase: str | None = None  # filled in by the pipeline
+        self.traceback_text: str | None = None  # set when the failure crossed a process boundary
 
     @property
     def failure_class(self) -> FailureClass:
@@ -89,7 +91,48 @@ class TaskFailure(Exception):
         return self.failure_class.kind
 
     def user_traceback(self) -> str:
+        if self.traceback_text is not None:
+            return self.traceback_text
         return format_user_traceback(self.cause) if self.cause is not None else ""
+
+    def to_dict(self) -> dict:
+        """For a supervised child to hand its failure to the supervisor (the traceback rendered here)."""
+        return {
+            "code": self.code, "message": self.message, "hint": self.hint, "phase": self.phase,
+            "recoverable": self._recoverable, "traceback": self.user_traceback() if _traceback_helps(self) else "",
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TaskFailure":
+        failure = cls(data["code"], data["message"], hint=data.get("hint"), recoverable=data.get("recoverable"))
+        failure.phase = data.get("phase")
+        failure.traceback_text = data.get("traceback") or ""
+        return failure
+
+
+def memory_limit_text() -> str:
+    """The limit the task ran into: the cgroup's memory.max and/or RLIMIT_AS."""
+    import resource
+
+    limits = []
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            value = f.read().strip()
+        if value != "max":
+            limits.append(f"cgroup memory.max {int(value) / 2**20:.0f} MiB")
+    except (OSError, ValueError):
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(f"RLIMIT_AS {soft / 2**20:.0f} MiB")
+    return ", ".join(limits) or "no explicit limit seen (node memory)"
+
+
+def out_of_memory(exc: BaseException) -> "TaskFailure":
+    return TaskFailure(
+        "OOM", f"the task ran out of memory (MemoryError; limit: {memory_limit_text()})", cause=exc,
+        hint="raise the task's memory limit, or process the data in smaller pieces",
+    )
 
 
 def is_marked_recoverable(exc: BaseException) -> bool:
@@ -112,6 +155,8 @@ def _is_user_frame(filename: str) -> bool:
     # The standard library's frames (importlib, asyncio, concurrent.futures) are plumbing, not the user's;
     # third-party packages in site-packages stay: the user called them.
     if filename.startswith(_STDLIB_DIR) and "site-packages" not in filename:
+        return False
+    if filename.endswith(f"{os.sep}bin{os.sep}executor"):  # the console-script shim
         return False
     return not any(marker in filename for marker in _HIDDEN_MARKERS)
 
@@ -138,6 +183,25 @@ def format_user_traceback(exc: BaseException) -> str:
             parts.extend(traceback.StackSummary.from_list(frames).format())
         parts.extend(traceback.format_exception_only(type(item), item))
     return "".join(parts)
+
+
+def format_stack_dump(dump: str) -> str:
+    """A faulthandler all-threads dump, keeping only the user's frames (and threads that have some)."""
+    out: list[str] = []
+    header = None
+    for line in dump.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("Thread 0x", "Current thread 0x")):
+            header = line
+            continue
+        if stripped.startswith('File "'):
+            filename = stripped[6:].split('"', 1)[0]
+            if _is_user_frame(filename):
+                if header is not None:
+                    out.append(header.replace("(most recent call first)", "(most recent call first, user frames)"))
+                    header = None
+                out.append(line)
+    return "\n".join(out)
 
 
 @dataclass

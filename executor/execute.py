@@ -11,6 +11,7 @@ import os
 import resource
 import sys
 import time
+from dataclasses import dataclass, field
 
 from executor import logs, storage
 from executor.errors import Diagnostics, TaskFailure, render_message
@@ -33,9 +34,16 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+# Set by a supervised child to tell its supervisor which phase it is in: listener(event, name, ms)
+phase_listener = None
+
+
 @contextlib.contextmanager
-def _phase(name: str, diagnostics: Diagnostics):
+def phase(name: str, diagnostics: Diagnostics, default_code: str | None = None):
+    """Time a phase; anything that escapes it unclassified becomes a TaskFailure with the phase's code."""
     start = time.perf_counter()
+    if phase_listener is not None:
+        phase_listener("start", name, 0.0)
     try:
         yield
     except TaskFailure as failure:
@@ -47,11 +55,13 @@ def _phase(name: str, diagnostics: Diagnostics):
         failure.phase = name
         raise failure from None
     except Exception as e:
-        failure = TaskFailure(PHASE_DEFAULT_CODE[name], f"{type(e).__name__}: {e}", cause=e)
+        failure = TaskFailure(default_code or PHASE_DEFAULT_CODE[name], f"{type(e).__name__}: {e}", cause=e)
         failure.phase = name
         raise failure from None
     finally:
         diagnostics.phases_ms[name] = (time.perf_counter() - start) * 1000
+        if phase_listener is not None:
+            phase_listener("end", name, diagnostics.phases_ms[name])
 
 
 def _resume_gc() -> None:
@@ -75,34 +85,49 @@ def _read_inputs(invocation: Invocation):
     return for_invocation(invocation).parse_inputs(data, invocation.inputs_uri)
 
 
-def run_invocation(invocation: Invocation) -> Result:
-    diagnostics = Diagnostics()
-    task_name = " ".join(invocation.resolver_args)
-    result: Result
-    try:
-        if invocation.bundle is not None:
-            with _phase("bundle", diagnostics):
-                from executor.bundle.inject import inject
+@dataclass
+class Attempt:
+    """What one attempt came to, before anything is reported."""
 
-                inject(invocation.bundle.uri, invocation.bundle.dest_dir, invocation.bundle.archive_md5)
-        with _phase("load", diagnostics):
+    outcome: str  # "success" | "failure" | "ignored" | "test"
+    task_name: str
+    failure: TaskFailure | None = None
+    written: list[str] = field(default_factory=list)
+
+
+def prepare_bundle(invocation: Invocation, diagnostics: Diagnostics) -> None:
+    if invocation.bundle is not None:
+        with phase("bundle", diagnostics):
+            from executor.bundle.inject import inject
+
+            inject(invocation.bundle.uri, invocation.bundle.dest_dir, invocation.bundle.archive_md5)
+
+
+def run_attempt(invocation: Invocation, diagnostics: Diagnostics) -> Attempt:
+    """Load, read inputs, run, write outputs. Failures are returned, not reported."""
+    task_name = " ".join(invocation.resolver_args)
+    try:
+        prepare_bundle(invocation, diagnostics)
+        with phase("load", diagnostics):
             from executor import loader
 
             runnable = loader.load(invocation)
             task_name = f"{runnable.name} ({runnable.kind})"
+        if phase_listener is not None:
+            phase_listener("task", task_name, 0.0)
         _resume_gc()
         if invocation.test:
             logs.info("test run: task loaded, not executed", task=task_name)
-            return Result("test", 0)
+            return Attempt("test", task_name)
         with runnable.session(invocation):
-            with _phase("inputs", diagnostics):
+            with phase("inputs", diagnostics):
                 prepared = runnable.decode_inputs(_read_inputs(invocation))
-            with _phase("run", diagnostics):
+            with phase("run", diagnostics):
                 value = runnable.call(prepared)
-            with _phase("outputs", diagnostics):
+            with phase("outputs", diagnostics):
                 files = runnable.encode_outputs(value)
                 files = offload_large_outputs(files, invocation.output_prefix, runnable.output_literal_types())
-        with _phase("upload", diagnostics):
+        with phase("upload", diagnostics):
             written = []
             protocol = for_invocation(invocation)
             for name, message in files.items():
@@ -111,34 +136,48 @@ def run_invocation(invocation: Invocation) -> Result:
                 data = protocol.outputs_bytes(message) if name == OUTPUTS_FILE else message.SerializeToString()
                 storage.write_bytes(uri, data)
                 written.append(uri)
-        result = Result("success", 0, written)
+        return Attempt("success", task_name, written=written)
     except TaskFailure as failure:
-        result = _report_failure(failure, invocation, task_name, diagnostics)
+        return Attempt("failure", task_name, failure)
     except Exception as e:
         if type(e).__name__ == "IgnoreOutputsRequested":
             logs.warning("the task raised IgnoreOutputs: no outputs are written", task=task_name)
-            result = Result("ignored", 0)
-        else:  # a bug of ours: still explained, never a bare traceback
-            failure = TaskFailure("SYSTEM", f"internal error in the executor: {type(e).__name__}: {e}", cause=e)
-            result = _report_failure(failure, invocation, task_name, diagnostics)
-    diagnostics.peak_rss_bytes = peak_rss_bytes()
+            return Attempt("ignored", task_name)
+        # a bug of ours: still explained, never a bare traceback
+        return Attempt("failure", task_name, TaskFailure("SYSTEM", f"internal error in the executor: {type(e).__name__}: {e}", cause=e))
+
+
+def finish(invocation: Invocation, attempt: Attempt, diagnostics: Diagnostics) -> Result:
+    """Report a failure as exactly one error document, and log the summary line."""
+    if attempt.failure is not None:
+        result = report_failure(attempt.failure, invocation, attempt.task_name, diagnostics)
+    else:
+        result = Result(attempt.outcome, 0, attempt.written)
     logs.info(
         "invocation finished",
         outcome=result.outcome,
         code=result.failure_code or "-",
-        task=task_name,
+        task=attempt.task_name,
         **{f"{k}_ms": round(v, 1) for k, v in diagnostics.phases_ms.items()},
         peak_rss_mib=round(diagnostics.peak_rss_bytes / 2**20, 1),
     )
     return result
 
 
+def run_invocation(invocation: Invocation) -> Result:
+    """The whole invocation in this process, without supervision (EXECUTOR_ISOLATION=none)."""
+    diagnostics = Diagnostics()
+    attempt = run_attempt(invocation, diagnostics)
+    diagnostics.peak_rss_bytes = max(diagnostics.peak_rss_bytes, peak_rss_bytes())
+    return finish(invocation, attempt, diagnostics)
+
+
 def _fail_on_error() -> bool:
     return os.environ.get("FLYTE_FAIL_ON_ERROR", "").strip().lower() in ("true", "1", "yes", "on")
 
 
-def _report_failure(failure: TaskFailure, invocation: Invocation, task: str, diagnostics: Diagnostics) -> Result:
-    diagnostics.peak_rss_bytes = peak_rss_bytes()
+def report_failure(failure: TaskFailure, invocation: Invocation, task: str, diagnostics: Diagnostics) -> Result:
+    diagnostics.peak_rss_bytes = diagnostics.peak_rss_bytes or peak_rss_bytes()
     message = logs.redact(render_message(failure, task, diagnostics))
     protocol = for_invocation(invocation)
     document = protocol.error_document(failure, message)

@@ -45,6 +45,9 @@ class Invocation:
     test: bool = False
     protocol: str = "flyte1"
     bundle: BundleSpec | None = None
+    task_template: str | None = None  # URI of a TaskTemplate .pb: env, timeout, retries, secrets
+    secrets_dir: str | None = None  # local secrets for debugging: DIR/group/key
+    grace_seconds: float | None = None  # SIGTERM -> SIGKILL grace (else EXECUTOR_GRACE_SECONDS)
 
     @property
     def raw_output_prefix_or_default(self) -> str:

@@ -98,10 +98,10 @@ def main(argv: list[str]) -> int:
         resolver=DEFAULT_RESOLVER,
         resolver_args=("task-module", module, "task-name", attr),
     )
-    from executor.execute import run_invocation
     from executor.inspect import describe_file
+    from executor.supervisor import supervise
 
-    result = run_invocation(invocation)
+    result = supervise(invocation)
     print(f"run directory: {run_dir}", file=sys.stderr)
     if result.outcome == "success":
         outputs = storage.read_bytes(storage.join(invocation.output_prefix, "outputs.pb"))

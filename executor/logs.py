@@ -23,6 +23,10 @@ def add_redaction(secret: str) -> None:
         _redactions.append(secret)
 
 
+def has_redactions() -> bool:
+    return bool(_redactions)
+
+
 def redact(text: str) -> str:
     for secret in _redactions:
         text = text.replace(secret, "[redacted]")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 
-from executor.errors import TaskFailure, is_marked_recoverable
+from executor.errors import TaskFailure, is_marked_recoverable, out_of_memory
 from executor.invocation import Invocation
 from executor.protocol.flyte1 import FUTURES_FILE, OUTPUTS_FILE
 
@@ -92,6 +92,8 @@ class FlytekitTask:
             value = e.value
             if isinstance(value, IgnoreOutputs):
                 raise IgnoreOutputsRequested() from None
+            if isinstance(value, MemoryError):
+                raise out_of_memory(value) from None
             raise TaskFailure(
                 "USER", f"{type(value).__name__}: {value}", cause=value, recoverable=is_marked_recoverable(value)
             ) from None

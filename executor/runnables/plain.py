@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from flyteidl.core import literals_pb2
 
 from executor import literals
-from executor.errors import TaskFailure, is_marked_recoverable
+from executor.errors import TaskFailure, is_marked_recoverable, out_of_memory
 from executor.invocation import Invocation, MapSpec
 from executor.literals.types import NoneType, describe
 from executor.protocol.flyte1 import OUTPUTS_FILE
@@ -109,6 +109,8 @@ class PlainFunction:
                 "USER", f"the task called sys.exit({e.code!r}) instead of returning", cause=e,
                 hint="return a value, or raise an exception that says what went wrong",
             ) from None
+        except MemoryError as e:
+            raise out_of_memory(e) from None
         except Exception as e:
             raise TaskFailure(
                 "USER", f"{type(e).__name__}: {e}", cause=e, recoverable=is_marked_recoverable(e)
