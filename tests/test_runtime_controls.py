@@ -382,3 +382,54 @@ def test_summary_and_error_carry_timings_and_child_rss(tmp_path):
     assert summary["peak_rss_mib"] > 200  # the task's memory, measured on the child
     for name in ("spec_ms", "load_ms", "inputs_ms", "run_ms", "outputs_ms", "upload_ms"):
         assert name in summary
+
+
+# --- flytekit tasks get the same controls ------------------------------------------------------------
+
+def _fk_pod(tmp_path, flytekit_oracle, task, values, *, env=None, extra=None):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(exist_ok=True)
+    inputs = write_inputs(tmp_path / "inputs.pb", values, {k: type(v) for k, v in values.items()})
+    prefix = tmp_path / "out"
+    args = pyflyte_execute_args(inputs, prefix, "tests.sample_tasks.fk_runtime", task, extra=extra)
+    proc = subprocess.run([flytekit_oracle.python, "-m", "executor", *args], capture_output=True, text=True,
+                          env=flytekit_oracle.env({"SCRATCH": str(scratch), "EXECUTOR_RETRY_BASE_DELAY": "0.05", **(env or {})}),
+                          cwd=str(Path(__file__).resolve().parent.parent), timeout=300)
+    return proc, prefix, scratch
+
+
+def _o0(prefix: Path) -> literals_pb2.Literal:
+    m = literals_pb2.LiteralMap()
+    m.ParseFromString((prefix / "outputs.pb").read_bytes())
+    return m.literals["o0"]
+
+
+@pytest.mark.oracle
+def test_flytekit_task_reads_secret_through_flytekit_and_it_is_redacted(tmp_path, flytekit_oracle):
+    secret = security_pb2.Secret(group="api", key="token")
+    proc, prefix, _ = _fk_pod(tmp_path, flytekit_oracle, "secret_length", {"x": 1}, env={"_FSEC_API_TOKEN": SECRET},
+                              extra=["--task-template", str(template(tmp_path / "t.pb", secrets=[secret]))])
+    assert proc.returncode == 0, proc.stderr
+    assert _o0(prefix).scalar.primitive.integer == len(SECRET) + 1
+    assert "flytekit task sees [redacted]" in proc.stdout
+    assert SECRET not in proc.stdout + proc.stderr
+
+
+@pytest.mark.oracle
+def test_flytekit_sync_checkpoint_round_trip(tmp_path, flytekit_oracle):
+    prev, ckpt = tmp_path / "prev", tmp_path / "ckpt"
+    prev.mkdir()
+    (prev / "_dst_cp").write_bytes(b"saved by x=1")
+    proc, prefix, _ = _fk_pod(tmp_path, flytekit_oracle, "resumes", {"x": 2},
+                              extra=["--checkpoint-path", str(ckpt), "--prev-checkpoint", str(prev)])
+    assert proc.returncode == 0, proc.stderr
+    assert _o0(prefix).scalar.primitive.string_value == "saved by x=1"
+    assert (ckpt / "_dst_cp").read_bytes() == b"saved by x=2"
+
+
+@pytest.mark.oracle
+def test_flytekit_recoverable_exception_is_retried_in_place(tmp_path, flytekit_oracle):
+    proc, prefix, scratch = _fk_pod(tmp_path, flytekit_oracle, "flaky", {"x": 0}, env={"EXECUTOR_RETRIES": "2"})
+    assert proc.returncode == 0, proc.stderr
+    assert _o0(prefix).scalar.primitive.integer == 2
+    assert (scratch / "attempts").read_text() == "2" and not (prefix / "error.pb").exists()
