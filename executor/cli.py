@@ -7,6 +7,7 @@ A usage error exits 2 and names the flag.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -41,6 +42,7 @@ def _optional(value: str | None) -> str | None:
     return value
 
 
+@functools.lru_cache(maxsize=None)  # the warm server parses many argvs; a parser is reusable
 def _build_parser(command: str):
     import argparse
 
@@ -159,6 +161,8 @@ Tools:
   run MODULE.FUNC -i NAME=JSON ...
                         run a task locally against a directory store, print its outputs
   inspect FILE          print an inputs/outputs/error/TaskTemplate .pb file as JSON
+  serve [--listen HOST:PORT | --stdio] [--concurrency N] ...
+                        run invocations warm in this container, each isolated (docs/serve.md)
   replay [PREFIX] --argv-file F | --task M.T [--inputs URI] [--bundle URI] [--out DIR]
                         rerun a pod's invocation locally into a fresh directory
   version               print the executor's version
@@ -252,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             from executor.supervisor import supervise
 
             return supervise(invocation).exit_code
+        if command == "serve":
+            from executor.serve import main as serve_main
+
+            return serve_main(rest)
         if command == "run":
             from executor.local_run import main as run_main
 

@@ -11,6 +11,7 @@ import time
 
 _LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
 _redactions: list[str] = []
+_context: dict = {}  # fields added to every line (the warm server binds the invocation id)
 
 
 def _threshold() -> int:
@@ -21,6 +22,11 @@ def add_redaction(secret: str) -> None:
     """Never print this value again (secrets)."""
     if secret and secret not in _redactions:
         _redactions.append(secret)
+
+
+def remove_redaction(secret: str) -> None:
+    if secret in _redactions:
+        _redactions.remove(secret)
 
 
 def has_redactions() -> bool:
@@ -41,6 +47,8 @@ def _timestamp() -> str:
 def emit(level: str, message: str, **fields: object) -> None:
     if _LEVELS[level] < _threshold():
         return
+    if _context:
+        fields = {**_context, **fields}
     if os.environ.get("LOG_FORMAT", "").lower() == "json":
         import json
 

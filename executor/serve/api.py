@@ -1,0 +1,215 @@
+"""The invocation API: HTTP (standard library http.server, HTTP/1.1 keep-alive) and JSON lines.
+
+HTTP
+    POST   /invocations[?wait=S]        {"id", "argv", "env", "isolation"?} -> 202 accepted (200 with
+                                        the result if it finished within S seconds); an id already
+                                        known: that invocation again (never run twice), or 409 if the
+                                        body differs; 400 unusable; 429 busy; 503 draining
+    GET    /invocations/{id}[?wait=S]   -> 200 state and result (with wait: once done or after S s)
+    DELETE /invocations/{id}            -> 202 cancelling; 409 already finished; 404 unknown
+    GET    /healthz                     -> 200 while the process serves
+    GET    /readyz                      -> 200 while it accepts work, 503 once draining
+    GET    /metrics                     -> Prometheus text format
+
+JSON lines (--stdio): one request per line on stdin, one response or event per line on stdout:
+    {"op": "invoke", "id", "argv", "env", "isolation"?}  -> {"event": "accepted"|"rejected", ...}
+                                                          later {"event": "finished", ...record}
+    {"op": "get", "id"} -> {"event": "status", ...}      {"op": "cancel", "id"} -> {"event": "cancel", ...}
+    {"op": "metrics"} -> {"event": "metrics", "text"}    end of input: finish everything, then exit
+Tasks' own stdout goes to stderr in this mode, so stdout carries nothing but the protocol.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from executor import logs
+from executor.serve.server import Answer, RequestError, Server
+
+MAX_BODY = 4 << 20
+MAX_WAIT = 3600.0
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "executor-serve"
+    disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms delayed-ACK stall
+    core: Server  # set on the subclass made by http_server()
+
+    def log_message(self, format, *args):  # noqa: A002 - http.server's signature
+        logs.debug("http", request=self.requestline, detail=format % args)
+
+    # --- routing -----------------------------------------------------------------------------------
+
+    def do_GET(self):
+        path, query = self._target()
+        if path == "/healthz":
+            return self._text(200, "ok\n")
+        if path == "/readyz":
+            return self._text(200, "ready\n") if self.core.ready else self._text(503, "draining\n")
+        if path == "/metrics":
+            return self._text(200, self.core.metrics_text(), "text/plain; version=0.0.4; charset=utf-8")
+        invocation_id = self._invocation_id(path)
+        if invocation_id is None:
+            return self._json(404, {"error": "not found", "reason": f"no route {path}"})
+        answer = self.core.get(invocation_id)
+        if answer.record is not None and (wait := self._wait(query)):
+            answer = self.core.wait(answer.record, wait)
+        self._answer(answer)
+
+    def do_POST(self):
+        path, query = self._target()
+        if path != "/invocations":
+            return self._json(404, {"error": "not found", "reason": f"POST {path}: use POST /invocations"})
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0 or length > MAX_BODY:
+            self.close_connection = True
+            return self._json(413 if length > MAX_BODY else 400, {"error": "bad request", "reason": "Content-Length"})
+        raw = self.rfile.read(length)
+        try:
+            answer = self.core.submit(json.loads(raw))
+        except (ValueError, RequestError) as e:
+            return self._json(400, {"error": "bad request", "reason": str(e)})
+        if answer.status == 202 and answer.record is not None and (wait := self._wait(query)):
+            answer = self.core.wait(answer.record, wait)
+        self._answer(answer)
+
+    def do_DELETE(self):
+        path, _ = self._target()
+        invocation_id = self._invocation_id(path)
+        if invocation_id is None:
+            return self._json(404, {"error": "not found", "reason": f"no route {path}"})
+        self._answer(self.core.cancel(invocation_id))
+
+    # --- helpers -------------------------------------------------------------------------------------
+
+    def _target(self) -> tuple[str, dict]:
+        parts = urlsplit(self.path)
+        return parts.path.rstrip("/") or "/", parse_qs(parts.query)
+
+    @staticmethod
+    def _invocation_id(path: str) -> str | None:
+        prefix = "/invocations/"
+        if path.startswith(prefix) and len(path) > len(prefix) and "/" not in path[len(prefix):]:
+            from urllib.parse import unquote
+
+            return unquote(path[len(prefix):])
+        return None
+
+    @staticmethod
+    def _wait(query: dict) -> float:
+        try:
+            return max(0.0, min(MAX_WAIT, float(query.get("wait", ["0"])[0])))
+        except ValueError:
+            return 0.0
+
+    def _answer(self, answer: Answer) -> None:
+        headers = {}
+        if answer.status in (429, 503):
+            headers["Retry-After"] = "1"
+        if answer.record is not None and answer.status in (200, 202):
+            headers["Location"] = f"/invocations/{answer.record.id}"
+        self._json(answer.status, answer.body, headers)
+
+    def _json(self, status: int, body: dict, headers: dict | None = None) -> None:
+        self._send(status, (json.dumps(body) + "\n").encode(), "application/json", headers)
+
+    def _text(self, status: int, text: str, content_type: str = "text/plain; charset=utf-8") -> None:
+        self._send(status, text.encode(), content_type)
+
+    def _send(self, status: int, data: bytes, content_type: str, headers: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+
+def http_server(core: Server, address: tuple[str, int]) -> ThreadingHTTPServer:
+    handler = type("Handler", (_Handler,), {"core": core})
+    return _HTTPServer(address, handler)
+
+
+class JsonLines:
+    """The --stdio front-end: requests from `stdin`, responses and events to `stdout`."""
+
+    def __init__(self, core: Server, stdin, stdout):
+        self.core = core
+        self.stdin = stdin
+        self.stdout = stdout
+        self._write_lock = threading.Lock()
+        self.ended = threading.Event()  # end of input
+        core.listeners.append(lambda record: self._write({"event": "finished", **record.to_json()}))
+
+    def start(self) -> None:
+        threading.Thread(target=self._read, name="stdio", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for line in self.stdin:
+                if line.strip():
+                    self._handle(line)
+        finally:
+            self.ended.set()
+
+    def _handle(self, line: str) -> None:
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise ValueError("a request is a JSON object")
+        except ValueError as e:
+            return self._write({"event": "error", "status": 400, "reason": f"not a JSON object: {e}"})
+        op = request.pop("op", "invoke")
+        rid = request.get("id")
+        try:
+            if op == "invoke":
+                answer = self.core.submit(request)
+                accepted = answer.status in (200, 202)
+                self._write({"event": "accepted" if accepted else "rejected", "status": answer.status, **answer.body})
+                if answer.status == 200 and answer.record is not None:  # a retried id that already finished
+                    self._write({"event": "finished", **answer.record.to_json()})
+            elif op == "get":
+                answer = self.core.get(str(rid))
+                self._write({"event": "status", "status": answer.status, **answer.body})
+            elif op == "cancel":
+                answer = self.core.cancel(str(rid))
+                self._write({"event": "cancel", "status": answer.status, **answer.body})
+            elif op == "metrics":
+                self._write({"event": "metrics", "text": self.core.metrics_text()})
+            else:
+                self._write({"event": "error", "status": 400, "id": rid, "reason": f"unknown op {op!r}"})
+        except RequestError as e:
+            self._write({"event": "rejected", "status": 400, "id": rid, "error": "bad request", "reason": str(e)})
+
+    def _write(self, message: dict) -> None:
+        data = json.dumps(message) + "\n"
+        with self._write_lock:
+            try:
+                self.stdout.write(data)
+                self.stdout.flush()
+            except (OSError, ValueError):
+                pass
+
+
+def stdio_streams():
+    """The protocol's own stdout, and fd 1 pointed at stderr for everything else (tasks, stray prints)."""
+    import os
+
+    protocol_out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return sys.stdin, protocol_out

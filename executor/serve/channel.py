@@ -1,0 +1,152 @@
+"""Messages between the server and its own worker processes: length-prefixed pickles on a socket pair.
+
+Only ever between processes of this server (never a network peer), so pickle is safe here and keeps
+the Invocation dataclasses intact.
+
+The server's side never blocks on a send: a message goes out at once when the socket has room, and
+otherwise waits in an ordered buffer that a flusher thread writes as the worker reads. (A send that
+blocked while holding the server's lock could deadlock with a worker blocked sending to us.) The
+worker's side (a single-threaded loop) sends blocking and receives incrementally with pump().
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import socket
+import threading
+
+_HEADER = 4
+
+
+class Closed(Exception):
+    """The other side is gone."""
+
+
+class Channel:
+    def __init__(self, sock: socket.socket, nonblocking: bool = False):
+        self.sock = sock
+        self.nonblocking = nonblocking
+        sock.setblocking(not nonblocking)
+        self._buffer = bytearray()
+        self._pending = bytearray()
+        self._lock = threading.Lock()
+        self._has_pending = threading.Condition(self._lock)
+        self._flusher: threading.Thread | None = None
+        self._closed = False
+
+    @classmethod
+    def from_fd(cls, fd: int) -> "Channel":
+        return cls(socket.socket(fileno=fd))
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    # --- sending -----------------------------------------------------------------------------------
+
+    def send(self, message: dict) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        frame = len(data).to_bytes(_HEADER, "big") + data
+        with self._lock:
+            if self._closed:
+                raise Closed("closed")
+            if not self.nonblocking:
+                try:
+                    self.sock.sendall(frame)
+                except OSError as e:
+                    raise Closed(str(e)) from None
+                return
+            self._pending += frame
+            self._flush_locked()
+            if self._pending:
+                if self._flusher is None:
+                    self._flusher = threading.Thread(target=self._flush_forever, name="channel-flusher", daemon=True)
+                    self._flusher.start()
+                self._has_pending.notify()
+
+    def _flush_locked(self) -> None:
+        while self._pending:
+            try:
+                sent = self.sock.send(self._pending)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._pending.clear()  # the reader side notices the end of the stream
+                return
+            del self._pending[:sent]
+
+    def _flush_forever(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending and not self._closed:
+                    self._has_pending.wait()
+                if self._closed:
+                    return
+            try:
+                select.select([], [self.sock], [], 1.0)
+            except (OSError, ValueError):
+                return
+            with self._lock:
+                self._flush_locked()
+
+    # --- receiving ---------------------------------------------------------------------------------
+
+    def recv(self) -> dict:
+        """Block until one whole message has arrived (Closed at end of stream)."""
+        while True:
+            message = self._take()
+            if message is not None:
+                return message
+            if self.nonblocking:
+                select.select([self.sock], [], [])
+            self._receive()
+
+    def pump(self) -> list[dict]:
+        """After select() said readable: every whole message available now (Closed at end of stream)."""
+        self._receive()
+        return self.buffered()
+
+    def buffered(self) -> list[dict]:
+        """Whole messages already received (recv() may have read past the one it returned)."""
+        messages = []
+        while (message := self._take()) is not None:
+            messages.append(message)
+        return messages
+
+    def _receive(self) -> None:
+        try:
+            chunk = self.sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            raise Closed(str(e)) from None
+        if not chunk:
+            raise Closed("end of stream")
+        self._buffer += chunk
+
+    def _take(self) -> dict | None:
+        if len(self._buffer) < _HEADER:
+            return None
+        size = int.from_bytes(self._buffer[:_HEADER], "big")
+        if len(self._buffer) < _HEADER + size:
+            return None
+        data = bytes(self._buffer[_HEADER:_HEADER + size])
+        del self._buffer[:_HEADER + size]
+        return pickle.loads(data)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._has_pending.notify_all()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def pair() -> tuple[Channel, int]:
+    """A (non-blocking) channel for the server and the raw fd to hand to a worker (inheritable)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = theirs.detach()
+    os.set_inheritable(fd, True)
+    return Channel(ours, nonblocking=True), fd

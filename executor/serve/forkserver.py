@@ -1,0 +1,623 @@
+"""The fork server: one warm process per pool (bundle digest, task module).
+
+The server starts it as `python -m executor.serve.forkserver FD`. It imports the executor, then (on
+its first invocation) fetches the pool's bundle and imports the task module and its SDK once. Each
+invocation is then
+
+  1. prepared in the "spec" phase, under the invocation's own environment: TaskTemplate, env vars,
+     thread counts, secrets (supervisor.load_spec, exactly as the one-shot path);
+  2. run as one attempt: isolation "fork" forks a fresh child that takes the invocation's view
+     (isolation.enter: env replaced, fresh cwd and TMPDIR, its own secrets) and runs
+     execute.run_attempt; isolation "inprocess" hands it to a warm runner child that runs attempt
+     after attempt in itself;
+  3. watched with executor.watch, the same watcher as the one-shot path (timeout with stack dump,
+     cancel and shutdown as PREEMPTED, OOM, crashes, process-group kill, redacted output), and
+     retried in place under the same policy;
+  4. finished with execute.finish (the one error document, the summary line), then reported.
+
+Messages (executor.serve.channel) from the server: run, cancel, stop_all, exit. To the server:
+warm, started, done.
+
+Signals (one table):
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import pickle
+import shutil
+import signal
+import sys
+import time
+
+from executor import execute, logs, watch
+from executor.errors import Diagnostics, TaskFailure
+from executor.serve import isolation
+from executor.serve.channel import Channel, Closed
+
+SIGNALS = {
+    signal.SIGCHLD: "wake the loop and reap: attempt children, runners, and (as a subreaper) orphans of tasks",
+    signal.SIGTERM: "stop every invocation now (PREEMPTED, error.pb written), then exit",
+    signal.SIGINT: "ignored: Ctrl-C reaches the server, which decides",
+}
+__doc__ += "\n".join(f"    {signal.Signals(s).name:<8} {what}" for s, what in SIGNALS.items())
+
+LOST_SERVER = ("the executor server went away", "the warm server exited or was killed; the backend retries this attempt")
+
+
+def task_module(invocation) -> str | None:
+    """The module the pool imports once: `task-module M` in the resolver arguments (map tasks too)."""
+    args = list(invocation.resolver_args)
+    for i, arg in enumerate(args[:-1]):
+        if arg == "task-module":
+            return args[i + 1]
+    return None
+
+
+@dataclasses.dataclass
+class Job:
+    """One invocation inside the fork server."""
+
+    id: str
+    invocation: object
+    env: dict
+    isolation: str
+    view: isolation.View
+    root: str
+    diagnostics: Diagnostics = dataclasses.field(default_factory=Diagnostics)
+    task_name: str = ""
+    spec: object = None
+    attempt_no: int = 0
+    prev_checkpoint: str | None = None
+    attempt: watch.AttemptWatch | None = None
+    runner: "Runner | None" = None
+    retry_at: float | None = None
+    last_failure: TaskFailure | None = None
+    stop_reason: tuple[str, str, float | None] | None = None
+
+    @property
+    def checkpoint_local(self) -> str:
+        return os.path.join(self.view.tmpdir, "executor-checkpoint")
+
+
+class Runner:
+    """An in-process runner: a warm child that runs attempts in itself, one after another."""
+
+    def __init__(self, proc: watch.Supervised, job_w: int):
+        self.proc = proc
+        self.job_w = job_w
+        self.served = 0
+        self.rss = 0
+
+    @property
+    def retiring(self) -> bool:
+        return self.job_w < 0
+
+    def send(self, message: dict) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        os.write(self.job_w, len(data).to_bytes(4, "big") + data)  # blocking; the runner reads promptly
+
+    def retire(self) -> None:
+        """It exits at the end of its input."""
+        if self.job_w >= 0:
+            os.close(self.job_w)
+            self.job_w = -1
+
+
+class ForkServer:
+    def __init__(self, channel: Channel, config: dict):
+        self.channel = channel
+        self.work_dir = config["work_dir"]
+        self.max_runner_invocations = config.get("max_invocations_per_worker", 0)
+        self.max_runner_rss = config.get("max_worker_rss", 0)
+        self.jobs: dict[str, Job] = {}
+        self.procs: dict[int, watch.Supervised] = {}  # every child until its pipes are closed
+        self.busy: dict[int, Job] = {}  # pid -> the job whose attempt runs in it now
+        self.runners: dict[int, Runner] = {}
+        self.warm = False
+        self.bundle_root: str | None = None
+        self.exiting = False
+        self.server_lost = False
+        self.sigterm = False
+        self._redaction_refs: dict[str, int] = {}
+        self.wake_r, self.wake_w = os.pipe()
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.set_wakeup_fd(self.wake_w)
+        isolation.become_subreaper()
+        self._handle(self.channel.buffered())  # what arrived with the configuration
+        while not (self.exiting and not self.jobs):
+            now = time.monotonic()
+            for job in list(self.jobs.values()):
+                self._tick(job, now)
+            self._close_drained(now)
+            if self.exiting and not self.jobs:
+                break
+            owners = self._fd_owners()
+            readable = watch.wait_readable(list(owners), self._timeout(now))
+            for fd in readable:
+                owner = owners[fd]
+                if owner == "channel":
+                    self._read_channel()
+                elif owner == "wake":
+                    self._drain_wakeups()
+                else:
+                    self._on_proc_readable(owner, fd)
+            self._reap()
+        for runner in self.runners.values():
+            runner.retire()
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.sigterm = True  # acted on in the loop (the wakeup fd woke it)
+
+    def _fd_owners(self) -> dict:
+        owners: dict = {} if self.server_lost else {self.channel.fileno(): "channel"}
+        owners[self.wake_r] = "wake"
+        for pid, proc in self.procs.items():
+            job = self.busy.get(pid)
+            for fd in (job.attempt.fds() if job is not None else proc.fds()):
+                owners[fd] = (proc, job)
+        return owners
+
+    def _timeout(self, now: float) -> float:
+        times = [1.0]
+        for job in self.jobs.values():
+            if job.attempt is not None and (t := job.attempt.next_wakeup()) is not None:
+                times.append(t - now)
+            if job.retry_at is not None:
+                times.append(job.retry_at - now)
+        times += [p.drain_until - now for p in self.procs.values() if p.drain_until is not None]
+        return max(0.0, min(times))
+
+    def _read_channel(self) -> None:
+        try:
+            messages = self.channel.pump()
+        except Closed:
+            self._lose_server()
+            return
+        self._handle(messages)
+
+    def _handle(self, messages: list[dict]) -> None:
+        for message in messages:
+            op = message["op"]
+            if op == "run":
+                self._start(message)
+            elif op == "cancel":
+                job = self.jobs.get(message["id"])
+                if job is not None:
+                    self._stop(job, message["message"], message["hint"], message.get("grace"))
+            elif op == "stop_all":
+                for job in list(self.jobs.values()):
+                    self._stop(job, message["message"], message["hint"], message.get("grace"))
+            elif op == "exit":
+                self.exiting = True
+
+    def _lose_server(self) -> None:
+        self.server_lost = True
+        self._stop_everything(*LOST_SERVER)
+
+    def _stop_everything(self, message: str, hint: str, grace: float = 5.0) -> None:
+        self.exiting = True
+        for job in list(self.jobs.values()):
+            self._stop(job, message, hint, grace)
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except OSError:
+            pass
+        if self.sigterm:
+            self.sigterm = False
+            self._stop_everything("the warm worker was asked to stop (SIGTERM)",
+                                  "eviction or spot preemption; the backend retries this attempt")
+
+    def _send(self, message: dict) -> None:
+        if self.server_lost:
+            return
+        try:
+            self.channel.send(message)
+        except Closed:
+            self._lose_server()
+
+    # --- children --------------------------------------------------------------------------------
+
+    def _on_proc_readable(self, owner, fd: int) -> None:
+        proc, job = owner
+        if job is not None and job.attempt is not None:
+            job.attempt.on_readable(fd, time.monotonic())
+        elif fd == proc.report_r:
+            proc.read_report()  # after its report (or an idle runner's stray line): nothing to act on
+        elif proc.relay:
+            proc.relay.pump(fd)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status, rusage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            proc = self.procs.get(pid)
+            if proc is None:
+                continue  # an orphan of some task, re-parented to us (subreaper): reaped
+            job = self.busy.get(pid)
+            if job is not None and job.attempt is not None:
+                job.attempt.on_exit(status, rusage, time.monotonic())
+            else:
+                proc.exited_at(status, rusage, time.monotonic())
+
+    def _close_drained(self, now: float) -> None:
+        for pid, proc in list(self.procs.items()):
+            if pid not in self.busy and proc.drained(now):
+                proc.close()
+                del self.procs[pid]
+                runner = self.runners.pop(pid, None)
+                if runner is not None:
+                    runner.retire()
+
+    # --- one invocation ----------------------------------------------------------------------------
+
+    def _start(self, message: dict) -> None:
+        invocation = message["invocation"]
+        root = os.path.join(self.work_dir, f"{_safe(message['id'])}-{os.urandom(4).hex()}")
+        env = dict(message["env"])
+        env["TMPDIR"] = os.path.join(root, "tmp")
+        view = isolation.View(message["id"], env, os.path.join(root, "work"), env["TMPDIR"])
+        job = Job(message["id"], invocation, env, message["isolation"], view, root,
+                  task_name=" ".join(invocation.resolver_args), prev_checkpoint=invocation.prev_checkpoint)
+        self.jobs[job.id] = job
+        logs._context = {"invocation": job.id}
+        try:
+            isolation.make_dirs(view)
+            if message.get("failure"):  # decided by the server: report it, run nothing
+                code, text, hint = message["failure"]
+                failure = TaskFailure(code, text, hint=hint)
+                failure.phase = "queue"
+            else:
+                failure = self._prepare(job)
+            if failure is None:
+                self._launch(job)
+        except Exception as e:  # a bug of ours: still one error document, never a lost invocation
+            failure = TaskFailure("SYSTEM", f"internal error in the warm worker: {type(e).__name__}: {e}", cause=e)
+            failure.phase = failure.phase or "spec"
+        try:
+            if failure is not None and job.id in self.jobs:
+                self._finish(job, execute.Attempt("failure", job.task_name, failure))
+        finally:
+            logs._context = {}
+
+    def _prepare(self, job: Job) -> TaskFailure | None:
+        """Warm the pool (first time), then the invocation's spec phase under its own environment."""
+        try:
+            if not self.warm:
+                self._warm_up(job)
+            job.invocation = dataclasses.replace(job.invocation, bundle=None)  # the pool's sys.path has it
+            saved = logs._redactions
+            logs._redactions = []
+            try:
+                with isolation.environment(job.env, job.view.tmpdir):
+                    from executor import supervisor
+
+                    job.spec = supervisor.load_spec(job.invocation, job.diagnostics)
+                    job.env = dict(os.environ)
+            finally:
+                job.view.redactions = logs._redactions
+                logs._redactions = saved
+                self._add_redactions(job.view.redactions)
+            job.view.env = job.env
+            job.view.bundle_root = self.bundle_root
+            return None
+        except TaskFailure as failure:
+            return failure
+
+    def _warm_up(self, job: Job) -> None:
+        started = time.perf_counter()
+        cache = None
+        bundle = job.invocation.bundle
+        if bundle is not None:
+            with isolation.environment(job.env, job.view.tmpdir):
+                with execute.phase("bundle", job.diagnostics):
+                    from executor.bundle.inject import inject
+
+                    prepared = inject(bundle.uri, bundle.dest_dir, bundle.archive_md5)
+            self.bundle_root, cache = prepared.root, "hit" if prepared.hit else "miss"
+        module = task_module(job.invocation)
+        gc.disable()
+        try:
+            _preload(job.invocation)
+        except Exception as e:  # each invocation will report it, with its own traceback
+            logs.warning("the task does not load; every invocation will say why", module=module or "-",
+                         reason=(getattr(e, "message", None) or f"{type(e).__name__}: {e}")[:200])
+        finally:
+            gc.enable()
+        gc.freeze()  # what the imports built lives as long as the pool: keep it out of every collection
+        self.warm = True
+        self._send({"event": "warm", "bundle_cache": cache, "module": module,
+                    "warm_ms": (time.perf_counter() - started) * 1000, "rss": isolation.current_rss()})
+
+    def _launch(self, job: Job) -> None:
+        oom_before = watch.oom_kills()
+        if job.isolation == "inprocess":
+            runner = next((r for pid, r in self.runners.items()
+                           if pid not in self.busy and not r.retiring and not r.proc.exited), None)
+            runner = runner or self._fork_runner()
+            job.runner = runner
+            runner.send({"view": job.view, "invocation": job.invocation, "attempt_no": job.attempt_no,
+                         "prev_checkpoint": job.prev_checkpoint, "checkpoint_local": job.checkpoint_local})
+            proc = runner.proc
+        else:
+            close = self._own_fds()
+            view = job.view
+
+            def prepare() -> None:
+                isolation.die_with_parent()
+                isolation.enter(view, close)
+                self._forget_everything_but(job)
+
+            proc = watch.fork_attempt(job.invocation, attempt_no=job.attempt_no, prev_checkpoint=job.prev_checkpoint,
+                                      checkpoint_local=job.checkpoint_local, relay=bool(job.view.redactions),
+                                      prepare=prepare)
+            self.procs[proc.pid] = proc
+        self.busy[proc.pid] = job
+        # The attempt is over with its report: a child's exit is reaped later, off the invocation's path.
+        job.attempt = watch.AttemptWatch(proc, timeout=job.spec.timeout_seconds, grace=job.spec.grace_seconds,
+                                         task_name=job.task_name, diagnostics=job.diagnostics,
+                                         oom_before=oom_before, finish_on_report=True)
+        if job.stop_reason is not None:
+            message, hint, grace = job.stop_reason
+            job.attempt.stop(message, hint, time.monotonic(), grace)
+        if job.attempt_no == 0:
+            self._send({"event": "started", "id": job.id, "pid": proc.pid})
+
+    def _stop(self, job: Job, message: str, hint: str, grace: float | None) -> None:
+        logs._context = {"invocation": job.id}
+        try:
+            job.stop_reason = (message, hint, grace)
+            if job.attempt is not None:
+                if not job.attempt.proc.exited:
+                    logs.warning("asked to stop: sending SIGTERM to the task", reason=message,
+                                 grace_s=job.spec.grace_seconds if grace is None else grace)
+                job.attempt.stop(message, hint, time.monotonic(), grace)
+            elif job.retry_at is not None:  # waiting to retry: stop here
+                job.retry_at = None
+                failure = TaskFailure("PREEMPTED", f"{message} while waiting to retry "
+                                      f"(attempt {job.attempt_no} failed with {job.last_failure.code})", hint=hint)
+                failure.phase = job.last_failure.phase
+                self._finish(job, execute.Attempt("failure", job.task_name, failure))
+        finally:
+            logs._context = {}
+
+    def _tick(self, job: Job, now: float) -> None:
+        logs._context = {"invocation": job.id}
+        try:
+            if job.attempt is not None:
+                job.attempt.tick(now)
+                if job.attempt.finished(now):
+                    self._attempt_done(job, now)
+            elif job.retry_at is not None and now >= job.retry_at:
+                job.retry_at = None
+                self._launch(job)
+        finally:
+            logs._context = {}
+
+    def _attempt_done(self, job: Job, now: float) -> None:
+        attempt = job.attempt
+        outcome = attempt.outcome(now)
+        job.attempt = None
+        self.busy.pop(attempt.proc.pid, None)
+        if job.runner is not None:
+            runner, job.runner = job.runner, None
+            runner.served += 1
+            runner.rss = int((attempt.done or {}).get("rss", 0))
+            if not runner.proc.exited and (
+                    (self.max_runner_invocations and runner.served >= self.max_runner_invocations)
+                    or (self.max_runner_rss and runner.rss > self.max_runner_rss)):
+                logs.info("recycling an in-process runner", pid=runner.proc.pid, served=runner.served,
+                          rss_mib=round(runner.rss / 2**20, 1))
+                runner.retire()
+        job.diagnostics.peak_rss_bytes = max(job.diagnostics.peak_rss_bytes, outcome.peak_rss_bytes)
+        job.task_name = outcome.attempt.task_name
+        from executor import supervisor
+
+        if outcome.timed_out or outcome.stopped:
+            with isolation.environment(job.env, job.view.tmpdir):
+                supervisor.save_local_checkpoint(job.invocation, job.checkpoint_local)
+        failure = outcome.attempt.failure
+        if supervisor.should_retry(failure, job.attempt_no, job.spec, job.stop_reason is not None):
+            delay = supervisor.retry_delay(job.attempt_no, job.env)
+            supervisor.log_retry(failure, job.attempt_no, job.spec, delay)
+            if job.invocation.checkpoint_path:
+                with isolation.environment(job.env, job.view.tmpdir):
+                    if supervisor.has_objects(job.invocation.checkpoint_path):
+                        job.prev_checkpoint = job.invocation.checkpoint_path
+            job.last_failure = failure
+            job.attempt_no += 1
+            job.retry_at = now + delay
+            return
+        self._finish(job, outcome.attempt)
+
+    def _finish(self, job: Job, attempt: execute.Attempt) -> None:
+        if attempt.failure is not None:
+            with isolation.environment(job.env, job.view.tmpdir):
+                result = execute.finish(job.invocation, attempt, job.diagnostics)
+        else:
+            result = execute.finish(job.invocation, attempt, job.diagnostics)
+        failure = attempt.failure
+        self._send({
+            "event": "done", "id": job.id, "rss": isolation.current_rss(),
+            "result": {
+                "outcome": result.outcome,
+                "exit_code": result.exit_code,
+                "files": list(result.written),
+                "error": None if failure is None else {
+                    "code": failure.code, "message": logs.redact(failure.message), "phase": failure.phase,
+                    "kind": failure.kind.name, "origin": failure.origin.name,
+                },
+                "task": attempt.task_name,
+                "attempts": job.attempt_no + 1,
+                "phases_ms": {k: round(v, 3) for k, v in job.diagnostics.phases_ms.items()},
+                "peak_rss_mib": round(job.diagnostics.peak_rss_bytes / 2**20, 1),
+            },
+        })
+        self._remove_redactions(job.view.redactions)
+        shutil.rmtree(job.root, ignore_errors=True)
+        del self.jobs[job.id]
+
+    # --- in-process runners ------------------------------------------------------------------------
+
+    def _fork_runner(self) -> Runner:
+        pipes = watch.Pipes(relay=True)  # always relayed: its output is redacted for whichever invocation runs
+        job_r, job_w = os.pipe()
+        close = self._own_fds() + [job_w]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 70
+            try:
+                reporter = pipes.child_side()
+                isolation.die_with_parent()
+                for fd in close:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                self._forget_everything_but(None)
+                _runner_loop(job_r, reporter)
+                code = 0
+            except BaseException as e:
+                watch.report_crash(pipes.report_w, e)
+            finally:
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
+        os.close(job_r)
+        proc = pipes.parent_side(pid)
+        runner = Runner(proc, job_w)
+        self.procs[pid] = proc
+        self.runners[pid] = runner
+        return runner
+
+    # --- bookkeeping -------------------------------------------------------------------------------
+
+    def _own_fds(self) -> list[int]:
+        """Descriptors of this fork server that no task may hold (a task holding the channel would
+        keep the server from noticing this process is gone)."""
+        fds = [self.channel.fileno(), self.wake_r, self.wake_w]
+        for proc in self.procs.values():
+            fds += [proc.report_r, proc.journal_r, proc.dump_r] + (proc.relay.fds() if proc.relay else [])
+        fds += [runner.job_w for runner in self.runners.values()]
+        return [fd for fd in set(fds) if fd >= 0]
+
+    def _forget_everything_but(self, job: Job | None) -> None:
+        """In a new child: drop every reference to other invocations (their env, their secrets)."""
+        self.jobs = {job.id: job} if job is not None else {}
+        self.procs = {}
+        self.busy = {}
+        self.runners = {}
+        self._redaction_refs = {}
+
+    def _add_redactions(self, values: list[str]) -> None:
+        for value in values:
+            self._redaction_refs[value] = self._redaction_refs.get(value, 0) + 1
+            logs.add_redaction(value)
+
+    def _remove_redactions(self, values: list[str]) -> None:
+        for value in values:
+            left = self._redaction_refs.get(value, 0) - 1
+            if left <= 0:
+                self._redaction_refs.pop(value, None)
+                logs.remove_redaction(value)
+            else:
+                self._redaction_refs[value] = left
+
+
+def _preload(invocation) -> None:
+    """Import once, in the pool, everything an attempt of this task imports: the executor's runtime,
+    the task module, its SDK. Only module-level code runs; the task itself never does here."""
+    from executor import loader
+    from executor.protocol import for_invocation
+    from executor.protocol import offload  # noqa: F401
+
+    for_invocation(invocation)
+    runnable = loader.load(invocation)
+    if "flytekit" in sys.modules:
+        import flytekit.bin.entrypoint  # noqa: F401  (what a flytekit task's session imports)
+    if hasattr(runnable, "output_literal_types"):
+        runnable.output_literal_types()
+
+
+def _runner_loop(job_r: int, reporter: watch.Reporter) -> None:
+    """An in-process runner: attempt after attempt in this process, each with its own view."""
+    base_path, base_cwd = list(sys.path), os.getcwd()
+    while True:
+        message = _read_frame(job_r)
+        if message is None:
+            return
+        view: isolation.View = message["view"]
+        isolation.enter(view)
+        try:
+            watch.run_reported_attempt(
+                reporter, message["invocation"], attempt_no=message["attempt_no"],
+                prev_checkpoint=message["prev_checkpoint"], checkpoint_local=message["checkpoint_local"],
+                extra=lambda: {"rss": isolation.current_rss(), "peak_rss": isolation.current_rss()},
+            )
+        finally:
+            sys.path[:] = base_path
+            os.chdir(base_cwd)
+            logs._context = {}
+            execute.phase_listener = None
+
+
+def _read_frame(fd: int):
+    header = _read_exactly(fd, 4)
+    if header is None:
+        return None
+    data = _read_exactly(fd, int.from_bytes(header, "big"))
+    return None if data is None else pickle.loads(data)
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:64]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    channel = Channel.from_fd(int(argv[0]))
+    config = channel.recv()
+    sys.path[:] = config["sys_path"]
+    from executor import loader
+
+    loader._put_cwd_on_path()  # as the one-shot path: the working directory is importable
+    os.makedirs(config["work_dir"], exist_ok=True)
+    server = ForkServer(channel, config)
+    server.serve()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

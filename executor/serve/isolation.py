@@ -1,0 +1,115 @@
+"""What one invocation sees: its own environment, working directory, temp directory and secrets.
+
+    environment(env, tmpdir)  for the fork server's own short steps on an invocation's behalf
+                              (reading its TaskTemplate and secrets, writing its error.pb): the
+                              process's env is swapped for the invocation's, then restored
+    enter(view)               in the process that runs the task: os.environ *replaced* by the
+                              invocation's (not merged), a fresh cwd and TMPDIR, only its own
+                              secrets known for redaction; the fork server's descriptors closed
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+from executor import logs
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+@dataclass
+class View:
+    """Everything an invocation's process is given."""
+
+    invocation_id: str
+    env: dict[str, str]
+    cwd: str
+    tmpdir: str
+    redactions: list[str] = field(default_factory=list)
+    bundle_root: str | None = None  # linked into cwd, as flytekit extracts the bundle into the working dir
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str], tmpdir: str | None = None):
+    saved, saved_tempdir = dict(os.environ), tempfile.tempdir
+    _replace_environ(env)
+    tempfile.tempdir = tmpdir
+    try:
+        yield
+    finally:
+        _replace_environ(saved)
+        tempfile.tempdir = saved_tempdir
+
+
+def enter(view: View, close_fds: list[int] = ()) -> None:
+    """In the process about to run the invocation's attempt."""
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _replace_environ(view.env)
+    os.chdir(view.cwd)
+    tempfile.tempdir = view.tmpdir
+    logs._redactions[:] = view.redactions
+    logs._context = {"invocation": view.invocation_id}
+    if view.bundle_root:
+        from executor.bundle.inject import _link_into
+
+        _link_into(view.bundle_root, view.cwd)
+
+
+def make_dirs(view: View) -> None:
+    os.makedirs(view.cwd, exist_ok=True)
+    os.makedirs(view.tmpdir, exist_ok=True)
+
+
+def _replace_environ(env: dict[str, str]) -> None:
+    current = os.environ
+    for name in [k for k in current if k not in env]:
+        del current[name]
+    for name, value in env.items():
+        if current.get(name) != value:
+            current[name] = value
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when the process that forked it exits (never an orphaned task)."""
+    parent = os.getppid()
+    _prctl(_PR_SET_PDEATHSIG, 9)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(70)
+
+
+def become_subreaper() -> None:
+    """Linux: orphans of our descendants are re-parented to us (and reaped by us), not to PID 1."""
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+_libc = None
+
+
+def _prctl(option: int, value: int) -> None:
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        if _libc is None:
+            import ctypes
+
+            _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.prctl(option, value, 0, 0, 0)
+    except Exception:
+        pass
+
+
+def current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

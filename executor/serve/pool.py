@@ -1,0 +1,172 @@
+"""Warm pools, one per (bundle digest, task module): each is a fork server process, seen from the server.
+
+Workers are replaced rather than repaired (as gunicorn's): one that has taken
+--max-invocations-per-worker invocations, or whose memory is above --max-worker-rss-mib, is retired
+(it takes no new work and exits once its last invocation is done) and the pool's next invocation
+starts a fresh one. At most --max-pools pools stay warm; the least recently used idle one is retired
+first, and a busy one never is.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import select
+import subprocess
+import sys
+import threading
+
+from executor import logs
+from executor.serve.channel import Closed, pair
+
+
+def pool_key(invocation) -> str:
+    """`<bundle digest or "image">:<task module or resolver>`."""
+    from executor.serve.forkserver import task_module
+
+    bundle = invocation.bundle
+    if bundle is None:
+        digest = "image"
+    else:
+        from executor.bundle.digest import digest_from_name
+
+        digest = digest_from_name(bundle.uri) or bundle.archive_md5 or _short_hash(bundle.uri)
+    return f"{digest}:{task_module(invocation) or invocation.resolver}"
+
+
+def _short_hash(text: str) -> str:
+    import hashlib
+
+    return "uri-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Worker:
+    """A fork server process and the channel to it; a reader thread hands its messages to on_message."""
+
+    _numbers = iter(range(1, 1 << 62))
+
+    def __init__(self, key: str, config: dict, on_message, on_exit, stdout):
+        self.key = key
+        self.number = next(self._numbers)
+        self.in_flight: set[str] = set()
+        self.served = 0
+        self.rss = 0
+        self.warm = False
+        self.retiring = False
+        self.channel, fd = pair()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "executor.serve.forkserver", str(fd)],
+                pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=stdout, start_new_session=True,
+            )
+        finally:
+            os.close(fd)
+        self.channel.send({**config, "work_dir": os.path.join(config["work_dir"], f"pool-{self.number}")})
+        self._on_message = on_message
+        self._on_exit = on_exit
+        self._reader = threading.Thread(target=self._read, name=f"worker-{self.number}", daemon=True)
+        self._reader.start()
+        logs.info("warm worker started", pool=key, pid=self.proc.pid)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def post(self, message: dict) -> None:
+        try:
+            self.channel.send(message)
+        except Closed:
+            pass  # its reader reports the exit
+
+    def _read(self) -> None:
+        try:
+            while True:
+                try:
+                    select.select([self.channel.sock], [], [])
+                    messages = self.channel.pump()
+                except Closed:
+                    break
+                except (OSError, ValueError):
+                    break
+                for message in messages:
+                    self._on_message(self, message)
+        finally:
+            try:
+                code = self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                code = self.proc.wait()
+            self.channel.close()
+            self._on_exit(self, code)
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, 9)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class Pools:
+    """Not thread-safe by itself: the server calls it under its lock."""
+
+    def __init__(self, settings, config: dict, on_message, on_exit, stdout=None):
+        self.settings = settings
+        self.config = config
+        self.on_message = on_message
+        self.on_exit = on_exit
+        self.stdout = stdout
+        self.current: collections.OrderedDict[str, Worker] = collections.OrderedDict()  # LRU first
+        self.retiring: set[Worker] = set()
+        self.recycled: collections.Counter = collections.Counter()
+
+    def worker_for(self, key: str) -> tuple[Worker, bool]:
+        """The pool's worker (True: it was already there, warm or warming) or a new one (False)."""
+        worker = self.current.get(key)
+        if worker is not None:
+            self.current.move_to_end(key)
+            return worker, True
+        worker = Worker(key, self.config, self.on_message, self.on_exit, self.stdout)
+        self.current[key] = worker
+        self._evict()
+        return worker, False
+
+    def after_done(self, worker: Worker) -> None:
+        """An invocation of this worker finished: recycle it if it is due."""
+        limit_rss = self.settings.max_worker_rss_mib * 2**20
+        reason = None
+        if self.settings.max_invocations_per_worker and worker.served >= self.settings.max_invocations_per_worker:
+            reason = "max_invocations"
+        elif limit_rss and worker.rss > limit_rss:
+            reason = "rss"
+        if reason and not worker.retiring:
+            logs.info("recycling a warm worker", pool=worker.key, pid=worker.pid, reason=reason, served=worker.served,
+                      rss_mib=round(worker.rss / 2**20, 1))
+            self.recycled[reason] += 1
+            self._retire(worker)
+        elif worker.retiring and not worker.in_flight:
+            worker.post({"op": "exit"})
+        self._evict()
+
+    def _retire(self, worker: Worker) -> None:
+        worker.retiring = True
+        if self.current.get(worker.key) is worker:
+            del self.current[worker.key]
+        self.retiring.add(worker)
+        if not worker.in_flight:
+            worker.post({"op": "exit"})
+
+    def _evict(self) -> None:
+        while len(self.current) > self.settings.max_pools:
+            idle = next((w for w in self.current.values() if not w.in_flight), None)
+            if idle is None:
+                return  # every pool is busy: the limit is a target, not a reason to stop work
+            logs.info("retiring the least recently used warm pool", pool=idle.key, pid=idle.pid)
+            self.recycled["lru"] += 1
+            self._retire(idle)
+
+    def forget(self, worker: Worker) -> None:
+        if self.current.get(worker.key) is worker:
+            del self.current[worker.key]
+        self.retiring.discard(worker)
+
+    def all(self) -> list[Worker]:
+        return list(self.current.values()) + list(self.retiring)

@@ -1,0 +1,348 @@
+"""The server's core: admission, dispatch to warm pools, results, cancel and drain. No sockets here;
+api.py speaks HTTP and JSON lines to it, arbiter.py drives it from signals.
+
+Admission: up to --concurrency invocations run at once; up to --backlog more wait, in order; beyond
+that a POST is refused as busy (HTTP 429). While draining every POST is refused (HTTP 503).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import threading
+import time
+
+from executor import logs
+from executor.serve.metrics import Metrics
+from executor.serve.pool import Pools, Worker, pool_key
+from executor.serve.registry import DONE, QUEUED, RUNNING, Record, Registry, fingerprint
+
+SERVING, CLOSING, DRAINING = "serving", "closing", "draining"  # closing: no new work, the queue still runs
+
+CANCELLED = ("PREEMPTED", "cancelled by the caller (DELETE /invocations/{id})",
+             "the invocation was cancelled through the executor's API; nothing to fix")
+SHUTDOWN = ("PREEMPTED", "the warm server was asked to stop ({signal})",
+            "eviction or spot preemption; the backend retries this attempt")
+WORKER_DIED = ("SYSTEM", "the warm worker running this invocation died (exit code {code})",
+               "a bug or a kill from outside; the backend retries this attempt")
+
+
+class RequestError(Exception):
+    """An unusable request: HTTP 400, nothing runs, nothing is written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    status: int  # the HTTP status it maps to
+    body: dict
+    record: Record | None = None
+
+
+class Server:
+    def __init__(self, settings, stdout=None):
+        self.settings = settings
+        self.lock = threading.RLock()
+        self.registry = Registry(settings.history)
+        self.metrics = Metrics()
+        self.work_dir = settings.work_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"executor-serve-{os.getpid()}")
+        config = {
+            "sys_path": list(__import__("sys").path),
+            "work_dir": self.work_dir,
+            "max_invocations_per_worker": settings.max_invocations_per_worker,
+            "max_worker_rss": settings.max_worker_rss_mib * 2**20,
+        }
+        self.pools = Pools(settings, config, self._on_worker_message, self._on_worker_exit, stdout)
+        self.queue: collections.deque[Record] = collections.deque()
+        self.running = 0
+        self.state = SERVING
+        self.stop_signal = "SIGTERM"
+        self.listeners: list = []  # called with each finished Record (the JSON-lines front-end)
+        self.last_activity = time.monotonic()
+        self.base_env = settings.passed_env(os.environ)
+        self.changed = threading.Condition(self.lock)  # notified when anything finishes
+
+    # --- the API -----------------------------------------------------------------------------------
+
+    def submit(self, body: dict) -> Answer:
+        invocation_id, argv, env, isolation = _validate(body, self.settings.isolation)
+        digest = fingerprint(argv, env, body.get("isolation"))
+        invocation = _parse_argv(argv)
+        with self.lock:
+            existing = self.registry.get(invocation_id)
+            if existing is not None:
+                if existing.fingerprint != digest:
+                    return Answer(409, {"error": "conflict", "reason": f"invocation {invocation_id!r} exists with a different body"}, existing)
+                return Answer(200 if existing.state == DONE else 202, existing.to_json(), existing)
+            if self.state != SERVING:
+                self.metrics.count("rejected", "draining")
+                return Answer(503, {"error": "draining", "reason": f"the server is shutting down ({self.stop_signal}); send it elsewhere"})
+            if self.running >= self.settings.slots and len(self.queue) >= self.settings.backlog:
+                self.metrics.count("rejected", "busy")
+                return Answer(429, {"error": "busy", "reason": f"{self.running} running and {len(self.queue)} queued "
+                                    f"(--concurrency {self.settings.slots}, --backlog {self.settings.backlog}); retry later"})
+            record = Record(invocation_id, digest, invocation, {**self.base_env, **env}, isolation, pool_key(invocation))
+            self.registry.add(record)
+            self.last_activity = time.monotonic()
+            if self.running < self.settings.slots and not self.queue:
+                self._dispatch(record)
+            else:
+                self.queue.append(record)
+            return Answer(202, record.to_json(), record)
+
+    def get(self, invocation_id: str) -> Answer:
+        with self.lock:
+            record = self.registry.get(invocation_id)
+            if record is None:
+                return Answer(404, {"error": "not found", "reason": f"no invocation {invocation_id!r} (or it is older than --history)"})
+            return Answer(200, record.to_json(), record)
+
+    def cancel(self, invocation_id: str) -> Answer:
+        with self.lock:
+            record = self.registry.get(invocation_id)
+            if record is None:
+                return Answer(404, {"error": "not found", "reason": f"no invocation {invocation_id!r}"})
+            if record.state == DONE:
+                return Answer(409, {"error": "finished", "reason": "the invocation has already finished", **record.to_json()}, record)
+            if not record.cancel_requested:
+                record.cancel_requested = True
+                self.metrics.cancels += 1
+                code, message, hint = CANCELLED
+                message = message.format(id=invocation_id)
+                if record.state == QUEUED:
+                    self.queue.remove(record)
+                    self._dispatch(record, failure=(code, message + " before it started", hint))
+                else:
+                    worker = self._worker_of(record)
+                    if worker is not None:
+                        worker.post({"op": "cancel", "id": record.id, "message": message, "hint": hint})
+            return Answer(202, record.to_json(), record)
+
+    def wait(self, record: Record, seconds: float) -> Answer:
+        if seconds > 0:
+            record.done_event.wait(min(seconds, 3600.0))
+        with self.lock:
+            return Answer(200 if record.state == DONE else 202, record.to_json(), record)
+
+    @property
+    def ready(self) -> bool:
+        return self.state == SERVING
+
+    def idle(self) -> bool:
+        with self.lock:
+            return self.running == 0 and not self.queue
+
+    # --- dispatch ------------------------------------------------------------------------------------
+
+    def _dispatch(self, record: Record, failure: tuple | None = None) -> None:
+        """Send to the record's pool (under the lock). With a failure: only its error.pb is written."""
+        worker, hit = self.pools.worker_for(record.pool)
+        if failure is None:
+            self.metrics.count("pool_requests", "hit" if hit else "miss")
+        record.state = RUNNING
+        record.started = time.monotonic()
+        record.worker = worker
+        worker.in_flight.add(record.id)
+        worker.served += 1
+        self.running += 1
+        worker.post({"op": "run", "id": record.id, "invocation": record.invocation, "env": record.env,
+                     "isolation": record.isolation, "failure": failure})
+
+    def _fill_slots(self) -> None:
+        while self.queue and self.running < self.settings.slots and self.state != DRAINING:
+            self._dispatch(self.queue.popleft())
+
+    def _worker_of(self, record: Record) -> Worker | None:
+        return record.worker
+
+    def _on_worker_message(self, worker: Worker, message: dict) -> None:
+        event = message["event"]
+        finished = None
+        with self.lock:
+            if event == "done":
+                record = self.registry.get(message["id"])
+                worker.in_flight.discard(message["id"])
+                worker.rss = message.get("rss", worker.rss)
+                if record is not None and record.state != DONE:
+                    finished = self._finish(record, message["result"])
+                self.pools.after_done(worker)
+                self._fill_slots()
+            elif event == "started":
+                record = self.registry.get(message["id"])
+                if record is not None:
+                    record.worker_pid = message["pid"]
+            elif event == "warm":
+                worker.warm = True
+                worker.rss = message.get("rss", worker.rss)
+                if message.get("bundle_cache"):
+                    self.metrics.count("bundle_cache", message["bundle_cache"])
+                logs.info("warm worker ready", pool=worker.key, pid=worker.pid, warm_ms=round(message["warm_ms"], 1),
+                          bundle_cache=message.get("bundle_cache") or "-")
+        if finished is not None:
+            self._announce(finished)
+
+    def _finish(self, record: Record, result: dict) -> Record:
+        self.registry.finish(record, result)
+        record.worker = None
+        self.running -= 1
+        self.last_activity = time.monotonic()
+        error = result.get("error") or {}
+        self.metrics.finished(result["outcome"], error.get("code"), record.isolation, record.latency_s)
+        return record
+
+    def _announce(self, record: Record) -> None:
+        record.done_event.set()
+        for listener in list(self.listeners):
+            listener(record)
+        with self.lock:
+            self.changed.notify_all()
+
+    def _on_worker_exit(self, worker: Worker, code: int) -> None:
+        """A worker's channel closed. Whatever it still ran is reported by a fresh worker of its pool."""
+        with self.lock:
+            self.pools.forget(worker)
+            lost = [self.registry.get(i) for i in worker.in_flight]
+            worker.in_flight.clear()
+            lost = [r for r in lost if r is not None and r.state != DONE]
+            if worker.retiring and not lost:
+                logs.info("warm worker exited", pool=worker.key, pid=worker.pid, code=code)
+            else:
+                logs.error("a warm worker exited unexpectedly", pool=worker.key, pid=worker.pid, code=code,
+                           invocations=len(lost))
+            for record in lost:
+                self.running -= 1
+                what, message, hint = WORKER_DIED
+                self._dispatch(record, failure=(what, message.format(code=code), hint))
+            self.changed.notify_all()
+
+    # --- shutdown ------------------------------------------------------------------------------------
+
+    def close_intake(self) -> None:
+        """Refuse new work; what is queued still runs (end of input in JSON-lines mode)."""
+        with self.lock:
+            if self.state == SERVING:
+                self.state = CLOSING
+
+    def drain(self, signal_name: str) -> None:
+        """Refuse new work; what is queued is reported PREEMPTED at once; what runs may finish."""
+        with self.lock:
+            self.stop_signal = signal_name
+            self.state = DRAINING
+            code, message, hint = SHUTDOWN
+            while self.queue:
+                self._dispatch(self.queue.popleft(), failure=(code, message.format(signal=signal_name) + " before it started", hint))
+
+    def stop_running(self, grace: float) -> None:
+        """Stop whatever still runs: SIGTERM, SIGKILL after `grace`, PREEMPTED with its error.pb."""
+        with self.lock:
+            code, message, hint = SHUTDOWN
+            for worker in self.pools.all():
+                if worker.in_flight:
+                    worker.post({"op": "stop_all", "message": message.format(signal=self.stop_signal), "hint": hint,
+                                 "grace": grace})
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while self.running or self.queue:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.changed.wait(min(left, 0.5))
+            return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Every worker exits (after what it still runs); the work directory goes."""
+        with self.lock:
+            workers = self.pools.all()
+            for worker in workers:
+                worker.retiring = True
+                worker.post({"op": "exit"})
+        deadline = time.monotonic() + timeout
+        for worker in workers:
+            try:
+                worker.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except Exception:
+                worker.kill()
+        import shutil
+
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    # --- observation ---------------------------------------------------------------------------------
+
+    def metrics_text(self) -> str:
+        with self.lock:
+            workers = self.pools.all()
+            gauges = {
+                "in_flight": ("Invocations running now.", self.running),
+                "queued": ("Invocations accepted and waiting for a slot.", len(self.queue)),
+                "concurrency": ("Invocations that may run at once (--concurrency).", self.settings.slots),
+                "pools": ("Warm pools (one per bundle digest and task module).", len(self.pools.current)),
+                "workers": ("Warm worker processes, retiring ones included.", len(workers)),
+                "ready": ("1 while new invocations are accepted.", 1 if self.ready else 0),
+            }
+            recycled = dict(self.pools.recycled)
+            pids = [w.pid for w in workers]
+        gauges["workers_resident_bytes"] = ("Resident memory of the warm workers and everything they run.", _tree_rss(pids))
+        gauges["process_resident_memory_bytes"] = ("Resident memory of the server process.", _tree_rss([os.getpid()], children=False))
+        return self.metrics.render(gauges, recycled)
+
+    def memory(self) -> dict:
+        """Resident bytes of the server and of each worker tree (for tests and benchmarks)."""
+        with self.lock:
+            pids = [w.pid for w in self.pools.all()]
+        return {"server": _tree_rss([os.getpid()], children=False), "workers": _tree_rss(pids)}
+
+
+def _tree_rss(pids: list[int], children: bool = True) -> int:
+    import psutil
+
+    total = 0
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            procs = [proc] + (proc.children(recursive=True) if children else [])
+            for p in procs:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+    return total
+
+
+def _validate(body, default_isolation: str) -> tuple[str, list[str], dict, str]:
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object")
+    invocation_id = body.get("id")
+    if not isinstance(invocation_id, str) or not invocation_id or len(invocation_id) > 256 or "/" in invocation_id:
+        raise RequestError('"id" must be a non-empty string of at most 256 characters, without "/"')
+    argv = body.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise RequestError('"argv" must be a non-empty list of strings (the one-shot argv, e.g. ["pyflyte-execute", ...])')
+    env = body.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise RequestError('"env" must be an object of strings')
+    isolation = body.get("isolation") or default_isolation
+    if isolation not in ("fork", "inprocess"):
+        raise RequestError('"isolation" must be "fork" or "inprocess"')
+    unknown = set(body) - {"id", "argv", "env", "isolation"}
+    if unknown:
+        raise RequestError(f"unknown fields: {', '.join(sorted(unknown))}")
+    return invocation_id, argv, env, isolation
+
+
+def _parse_argv(argv: list[str]):
+    from executor.cli import UsageError, parse_fast_execute, parse_flyte1
+
+    if argv[0] in ("executor", "python -m executor"):
+        argv = argv[1:]
+    command, rest = (argv[0], argv[1:]) if argv else ("", [])
+    try:
+        if command == "pyflyte-fast-execute":
+            return parse_fast_execute(rest)
+        if command in ("pyflyte-execute", "pyflyte-map-execute"):
+            return parse_flyte1(command, rest)
+    except UsageError as e:
+        raise RequestError(str(e)) from None
+    raise RequestError(f"argv[0] must be pyflyte-fast-execute, pyflyte-execute or pyflyte-map-execute, got {command!r}")
