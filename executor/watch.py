@@ -89,8 +89,8 @@ class Supervised:
         *lines, self._buffer = self._buffer.split(b"\n")
         return [json.loads(line) for line in lines if line]
 
-    def read_journal(self) -> list[dict]:
-        """Every journal line written so far (never blocks)."""
+    def read_journal(self) -> list[tuple[str, float, float, str]]:
+        """Every journal line written so far, as (event, ms, time, name); never blocks."""
         while True:
             try:
                 chunk = os.read(self.journal_r, 65536)
@@ -100,7 +100,11 @@ class Supervised:
                 break
             self._journal += chunk
         *lines, self._journal = self._journal.split(b"\n")
-        return [json.loads(line) for line in lines if line]
+        entries = []
+        for line in lines:
+            event, ms, t, name = line.decode(errors="replace").split(" ", 3)
+            entries.append((event, float(ms), float(t), name))
+        return entries
 
     def exited_at(self, status: int, rusage, now: float) -> None:
         self.status, self.rusage = status, rusage
@@ -137,8 +141,9 @@ class Reporter:
         os.write(self.report_fd, (json.dumps(message) + "\n").encode())
 
     def phase(self, event: str, name: str, ms: float) -> None:
-        # A few lines per attempt: the pipe's 64 KiB never fills (runners' journals are read per attempt).
-        line = json.dumps({"phase": name, "event": event, "ms": ms, "t": time.monotonic()}) + "\n"
+        # "<event> <ms> <monotonic time> <name>": a few lines per attempt, so the pipe's 64 KiB never
+        # fills (a runner's journal is read after each attempt).
+        line = f"{event} {ms!r} {time.monotonic()!r} {name.replace(chr(10), ' ')}\n"
         os.write(self.journal_fd, line.encode())
 
     def done(self, attempt: execute.Attempt, **extra) -> None:
@@ -335,13 +340,13 @@ class AttemptWatch:
             self.done = message
 
     def _read_journal(self) -> None:
-        for message in self.proc.read_journal():
-            if message["event"] == "task":
-                self.task_name = message["phase"]
-            elif message["event"] == "start":
-                self.current_phase, self.phase_started = message["phase"], message["t"]
+        for event, ms, t, name in self.proc.read_journal():
+            if event == "task":
+                self.task_name = name
+            elif event == "start":
+                self.current_phase, self.phase_started = name, t
             else:
-                self.diagnostics.phases_ms[message["phase"]] = message["ms"]
+                self.diagnostics.phases_ms[name] = ms
                 self.current_phase = None
 
     # --- state ---------------------------------------------------------------------------------

@@ -82,11 +82,14 @@ class Job:
 
 
 class Runner:
-    """An in-process runner: a warm child that runs attempts in itself, one after another."""
+    """A child of the fork server that runs attempts sent to it: exactly one and then exits (isolation
+    "fork"; forked ahead of need as a spare when no output relay is needed), or one after another
+    (isolation "inprocess")."""
 
-    def __init__(self, proc: watch.Supervised, job_w: int):
+    def __init__(self, proc: watch.Supervised, job_w: int, one_shot: bool):
         self.proc = proc
         self.job_w = job_w
+        self.one_shot = one_shot
         self.served = 0
         self.rss = 0
 
@@ -115,6 +118,7 @@ class ForkServer:
         self.procs: dict[int, watch.Supervised] = {}  # every child until its pipes are closed
         self.busy: dict[int, Job] = {}  # pid -> the job whose attempt runs in it now
         self.runners: dict[int, Runner] = {}
+        self.spares: list[Runner] = []
         self.warm = False
         self.bundle_root: str | None = None
         self.exiting = False
@@ -152,6 +156,7 @@ class ForkServer:
                 else:
                     self._on_proc_readable(owner, fd)
             self._reap()
+            self._refill_spares()
         for runner in self.runners.values():
             runner.retire()
 
@@ -348,26 +353,17 @@ class ForkServer:
     def _launch(self, job: Job) -> None:
         oom_before = watch.oom_kills()
         if job.isolation == "inprocess":
-            runner = next((r for pid, r in self.runners.items()
-                           if pid not in self.busy and not r.retiring and not r.proc.exited), None)
-            runner = runner or self._fork_runner()
-            job.runner = runner
-            runner.send({"view": job.view, "invocation": job.invocation, "attempt_no": job.attempt_no,
-                         "prev_checkpoint": job.prev_checkpoint, "checkpoint_local": job.checkpoint_local})
-            proc = runner.proc
+            runner = next((r for pid, r in self.runners.items() if not r.one_shot and pid not in self.busy
+                           and not r.retiring and not r.proc.exited), None)
+            runner = runner or self._fork_runner(one_shot=False, relay=True)
+        elif job.view.redactions:  # its output is relayed (redacted): a child made for it
+            runner = self._fork_runner(one_shot=True, relay=True)
         else:
-            close = self._own_fds()
-            view = job.view
-
-            def prepare() -> None:
-                isolation.die_with_parent()
-                isolation.enter(view, close)
-                self._forget_everything_but(job)
-
-            proc = watch.fork_attempt(job.invocation, attempt_no=job.attempt_no, prev_checkpoint=job.prev_checkpoint,
-                                      checkpoint_local=job.checkpoint_local, relay=bool(job.view.redactions),
-                                      prepare=prepare)
-            self.procs[proc.pid] = proc
+            runner = self._take_spare() or self._fork_runner(one_shot=True, relay=False)
+        job.runner = runner
+        runner.send({"view": job.view, "invocation": job.invocation, "attempt_no": job.attempt_no,
+                     "prev_checkpoint": job.prev_checkpoint, "checkpoint_local": job.checkpoint_local})
+        proc = runner.proc
         self.busy[proc.pid] = job
         # The attempt is over with its report: a child's exit is reaped later, off the invocation's path.
         job.attempt = watch.AttemptWatch(proc, timeout=job.spec.timeout_seconds, grace=job.spec.grace_seconds,
@@ -415,16 +411,17 @@ class ForkServer:
         outcome = attempt.outcome(now)
         job.attempt = None
         self.busy.pop(attempt.proc.pid, None)
-        if job.runner is not None:
-            runner, job.runner = job.runner, None
-            runner.served += 1
-            runner.rss = int((attempt.done or {}).get("rss", 0))
-            if not runner.proc.exited and (
-                    (self.max_runner_invocations and runner.served >= self.max_runner_invocations)
-                    or (self.max_runner_rss and runner.rss > self.max_runner_rss)):
-                logs.info("recycling an in-process runner", pid=runner.proc.pid, served=runner.served,
-                          rss_mib=round(runner.rss / 2**20, 1))
-                runner.retire()
+        runner, job.runner = job.runner, None
+        runner.served += 1
+        runner.rss = int((attempt.done or {}).get("rss", 0))
+        if runner.one_shot:
+            runner.retire()
+        elif not runner.proc.exited and (
+                (self.max_runner_invocations and runner.served >= self.max_runner_invocations)
+                or (self.max_runner_rss and runner.rss > self.max_runner_rss)):
+            logs.info("recycling an in-process runner", pid=runner.proc.pid, served=runner.served,
+                      rss_mib=round(runner.rss / 2**20, 1))
+            runner.retire()
         job.diagnostics.peak_rss_bytes = max(job.diagnostics.peak_rss_bytes, outcome.peak_rss_bytes)
         job.task_name = outcome.attempt.task_name
         from executor import supervisor
@@ -475,8 +472,21 @@ class ForkServer:
 
     # --- in-process runners ------------------------------------------------------------------------
 
-    def _fork_runner(self) -> Runner:
-        pipes = watch.Pipes(relay=True)  # always relayed: its output is redacted for whichever invocation runs
+    def _take_spare(self) -> Runner | None:
+        while self.spares:
+            runner = self.spares.pop()
+            if not runner.proc.exited:
+                return runner
+        return None
+
+    def _refill_spares(self) -> None:
+        """Keep one isolated child forked ahead of need: the fork and its set-up leave the invocation's path."""
+        self.spares = [r for r in self.spares if not r.proc.exited]
+        if self.warm and not self.exiting and not self.spares:
+            self.spares.append(self._fork_runner(one_shot=True, relay=False))
+
+    def _fork_runner(self, one_shot: bool, relay: bool) -> Runner:
+        pipes = watch.Pipes(relay=relay)
         job_r, job_w = os.pipe()
         close = self._own_fds() + [job_w]
         sys.stdout.flush()
@@ -493,7 +503,7 @@ class ForkServer:
                     except OSError:
                         pass
                 self._forget_everything_but(None)
-                _runner_loop(job_r, reporter)
+                _runner_loop(job_r, reporter, one_shot)
                 code = 0
             except BaseException as e:
                 watch.report_crash(pipes.report_w, e)
@@ -505,7 +515,7 @@ class ForkServer:
                     os._exit(code)
         os.close(job_r)
         proc = pipes.parent_side(pid)
-        runner = Runner(proc, job_w)
+        runner = Runner(proc, job_w, one_shot)
         self.procs[pid] = proc
         self.runners[pid] = runner
         return runner
@@ -527,6 +537,7 @@ class ForkServer:
         self.procs = {}
         self.busy = {}
         self.runners = {}
+        self.spares = []
         self._redaction_refs = {}
 
     def _add_redactions(self, values: list[str]) -> None:
@@ -547,20 +558,22 @@ class ForkServer:
 def _preload(invocation) -> None:
     """Import once, in the pool, everything an attempt of this task imports: the executor's runtime,
     the task module, its SDK. Only module-level code runs; the task itself never does here."""
+    import importlib
+
     from executor import loader
     from executor.protocol import for_invocation
-    from executor.protocol import offload  # noqa: F401
 
     for_invocation(invocation)
+    importlib.import_module("executor.protocol.offload")
     runnable = loader.load(invocation)
     if "flytekit" in sys.modules:
-        import flytekit.bin.entrypoint  # noqa: F401  (what a flytekit task's session imports)
+        importlib.import_module("flytekit.bin.entrypoint")  # what a flytekit task's session imports
     if hasattr(runnable, "output_literal_types"):
         runnable.output_literal_types()
 
 
-def _runner_loop(job_r: int, reporter: watch.Reporter) -> None:
-    """An in-process runner: attempt after attempt in this process, each with its own view."""
+def _runner_loop(job_r: int, reporter: watch.Reporter, one_shot: bool) -> None:
+    """A runner: one attempt (one_shot), or attempt after attempt in this process, each with its own view."""
     base_path, base_cwd = list(sys.path), os.getcwd()
     while True:
         message = _read_frame(job_r)
@@ -568,17 +581,20 @@ def _runner_loop(job_r: int, reporter: watch.Reporter) -> None:
             return
         view: isolation.View = message["view"]
         isolation.enter(view)
+        extra = None if one_shot else (lambda: {"rss": isolation.current_rss(), "peak_rss": isolation.current_rss()})
         try:
             watch.run_reported_attempt(
                 reporter, message["invocation"], attempt_no=message["attempt_no"],
-                prev_checkpoint=message["prev_checkpoint"], checkpoint_local=message["checkpoint_local"],
-                extra=lambda: {"rss": isolation.current_rss(), "peak_rss": isolation.current_rss()},
+                prev_checkpoint=message["prev_checkpoint"], checkpoint_local=message["checkpoint_local"], extra=extra,
             )
         finally:
-            sys.path[:] = base_path
-            os.chdir(base_cwd)
-            logs._context = {}
-            execute.phase_listener = None
+            if not one_shot:
+                sys.path[:] = base_path
+                os.chdir(base_cwd)
+                logs._context = {}
+                execute.phase_listener = None
+        if one_shot:
+            return
 
 
 def _read_frame(fd: int):
@@ -621,3 +637,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+

@@ -35,13 +35,23 @@ class View:
 
 @contextlib.contextmanager
 def environment(env: dict[str, str], tmpdir: str | None = None):
-    saved, saved_tempdir = dict(os.environ), tempfile.tempdir
-    _replace_environ(env)
+    """os.environ as the invocation's, for Python code in this process, until the block ends.
+
+    Only the mapping behind os.environ is swapped (no putenv per variable: the fork server does this
+    twice per invocation); the C-level environment stays the fork server's, which is fine for its own
+    Python steps and never reaches a task (children call enter(), which sets the real one).
+    """
+    data = os.environ._data
+    saved, saved_tempdir = data.copy(), tempfile.tempdir
+    encode_key, encode_value = os.environ.encodekey, os.environ.encodevalue
+    data.clear()
+    data.update({encode_key(k): encode_value(v) for k, v in env.items()})
     tempfile.tempdir = tmpdir
     try:
         yield
     finally:
-        _replace_environ(saved)
+        data.clear()
+        data.update(saved)
         tempfile.tempdir = saved_tempdir
 
 
