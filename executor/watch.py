@@ -181,6 +181,11 @@ def run_reported_attempt(reporter: Reporter, invocation: Invocation, *, attempt_
     invocation = dataclasses.replace(invocation, prev_checkpoint=prev_checkpoint)
     execute.phase_listener = reporter.phase
     attempt = execute.run_attempt(invocation, Diagnostics())
+    for stream in (sys.stdout, sys.stderr):  # the task's output is in the pipes before its report
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
     reporter.done(attempt, **(extra() if extra else {}))
     return attempt
 
@@ -508,7 +513,12 @@ class OutputRelay:
         os.close(self.err_w)
 
     def pump(self, fd: int) -> None:
-        chunk = _read(fd)
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            raise
+        except OSError:
+            chunk = b""
         if not chunk:
             self._emit(fd, self.partial[fd])
             self.open_fds.discard(fd)
@@ -518,6 +528,19 @@ class OutputRelay:
         *lines, self.partial[fd] = data.split(b"\n")
         for line in lines:
             self._emit(fd, line + b"\n")
+
+    def drain(self) -> None:
+        """Relay whatever is in the pipes now, without waiting for more."""
+        for fd in list(self.open_fds):
+            os.set_blocking(fd, False)
+            try:
+                while fd in self.open_fds:
+                    self.pump(fd)
+            except BlockingIOError:
+                pass
+            finally:
+                if fd in self.open_fds:
+                    os.set_blocking(fd, True)
 
     def close(self) -> None:
         for fd in list(self.open_fds):

@@ -408,6 +408,8 @@ class ForkServer:
 
     def _attempt_done(self, job: Job, now: float) -> None:
         attempt = job.attempt
+        if attempt.proc.relay:  # relayed (and redacted) while this invocation's secrets are still known
+            attempt.proc.relay.drain()
         outcome = attempt.outcome(now)
         job.attempt = None
         self.busy.pop(attempt.proc.pid, None)

@@ -1,0 +1,135 @@
+"""Tasks for the warm server's tests: they report what they can see of their environment."""
+import asyncio
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+
+_calls = 0  # module state: must not carry over between isolated invocations
+
+
+def _scratch(name: str) -> str:
+    return os.path.join(os.environ["SCRATCH"], name)
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def fail(x: int) -> int:
+    raise ValueError(f"no good: {x}")
+
+
+def env_of(names: str) -> dict:
+    """The values of the comma-separated variables, and how many variables there are."""
+    return {"values": {n: os.environ.get(n, "<unset>") for n in names.split(",")}, "count": len(os.environ)}
+
+
+def count_calls(x: int) -> int:
+    global _calls
+    _calls += 1
+    return _calls
+
+
+def where(content: str) -> dict:
+    """Its cwd and temp dir, what it found there, and a file it leaves behind in each."""
+    cwd, tmp = os.getcwd(), tempfile.gettempdir()
+    found = {"cwd": sorted(os.listdir(cwd)), "tmp": sorted(n for n in os.listdir(tmp) if n != "executor-checkpoint")}
+    with open("left-behind.txt", "w") as f:
+        f.write(content)
+    with open(os.path.join(tmp, "left-behind.txt"), "w") as f:
+        f.write(content)
+    return {"cwd": cwd, "tmp": tmp, "TMPDIR": os.environ.get("TMPDIR", ""), "found": found}
+
+
+def record_run(x: int) -> int:
+    """Appends one line per execution: lets a test count how often it really ran."""
+    with open(_scratch("runs"), "a") as f:
+        f.write(f"{x}\n")
+    time.sleep(0.3)
+    return x
+
+
+def sleepy(seconds: float) -> float:
+    with open(_scratch("started"), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return seconds
+
+
+def stubborn(seconds: float) -> float:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(_scratch("started"), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return seconds
+
+
+def killed_by_kernel(x: int) -> int:
+    os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def segfault(x: int) -> int:
+    import ctypes
+
+    ctypes.string_at(0)
+    return x
+
+
+class FlyteRecoverableException(RuntimeError):
+    """Named like flytekit's: recognised without the SDK."""
+
+
+def flaky(failures: int) -> int:
+    path = _scratch("attempts")
+    count = int(open(path).read()) if os.path.exists(path) else 0
+    with open(path, "w") as f:
+        f.write(str(count + 1))
+    if count < failures:
+        raise FlyteRecoverableException(f"transient trouble #{count + 1}")
+    return count + 1
+
+
+def shout_secret(x: int) -> int:
+    token = os.environ.get("MY_TOKEN", "")
+    print(f"stdout has {token}", flush=True)
+    print(f"stderr has {token}", file=sys.stderr, flush=True)
+    if x < 0:
+        raise RuntimeError(f"failed holding {token}")
+    return len(token)
+
+
+def secrets_visible(x: int) -> dict:
+    return {k: v for k, v in os.environ.items() if k.startswith("_FSEC_") or k == "MY_TOKEN"}
+
+
+def hog(megabytes: int) -> int:
+    global _kept
+    _kept = [bytearray(1 << 20) for _ in range(megabytes)]  # kept: an in-process runner's memory grows
+    return os.getpid()
+
+
+_kept: list = []
+
+
+def pid(x: int) -> int:
+    return os.getpid()
+
+
+def prints(x: int) -> int:
+    print("a line on the task's stdout")
+    print(json.dumps({"looks": "like json"}))
+    return x
+
+
+async def async_add(a: int, b: int) -> int:
+    await asyncio.sleep(0)
+    return a + b
+
+
+def sleep_then_add(a: int, b: int) -> int:
+    time.sleep(float(os.environ.get("SLEEP_SECONDS", "0")))
+    return a + b

@@ -1,0 +1,507 @@
+"""`executor serve` with real HTTP on loopback, real processes and real signals."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from flyteidl.core import errors_pb2, security_pb2, tasks_pb2
+
+from tests.helpers import REPO, env_with, pyflyte_execute_args
+from tests.serve_rig import (TASKS, Server, alive, descendants, error_doc, invocation, out_files, output_value,
+                             scratch_env, wait_for)
+
+SECRET = "t0ken-9f8e7d6c-serve"
+
+
+@pytest.fixture
+def server(tmp_path):
+    servers = []
+
+    def start(*args, **kwargs) -> Server:
+        s = Server(tmp_path, *args, **kwargs)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.kill()
+
+
+def _template(path: Path, secrets=(), env=None) -> Path:
+    t = tasks_pb2.TaskTemplate()
+    t.id.name = "sample"
+    for k, v in (env or {}).items():
+        t.container.env.add(key=k, value=v)
+    t.security_context.secrets.extend(secrets)
+    path.write_bytes(t.SerializeToString())
+    return path
+
+
+# --- the API ------------------------------------------------------------------------------------
+
+
+def test_health_ready_and_metrics_families(server):
+    s = server()
+    assert s.request("GET", "/healthz")[:2] == (200, "ok\n")
+    assert s.request("GET", "/readyz")[:2] == (200, "ready\n")
+    status, text, headers = s.request("GET", "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    for family in ("invocations_total", "invocation_duration_seconds", "in_flight", "queued", "pools", "workers",
+                   "pool_requests_total", "bundle_cache_total", "rejected_total", "worker_recycles_total"):
+        assert f"# TYPE executor_serve_{family} " in text, family
+
+
+def test_post_runs_the_task_and_get_returns_the_result(server, tmp_path):
+    s = server()
+    body = invocation(tmp_path, "add-1", "add", {"a": 40, "b": 2})
+    status, accepted = s.post(body)
+    assert status == 202 and accepted["id"] == "add-1" and accepted["state"] in ("queued", "running")
+    record = s.wait_done("add-1")
+    result = record["result"]
+    assert result["outcome"] == "success" and result["error"] is None
+    assert result["files"] == [str(tmp_path / "add-1" / "out" / "outputs.pb")]
+    assert set(result["phases_ms"]) >= {"spec", "load", "inputs", "run", "outputs", "upload"}
+    assert record["timings_ms"]["total"] >= record["timings_ms"]["running"]
+    assert output_value(tmp_path, "add-1") == 42
+    assert s.metric("executor_serve_invocations_total", outcome="success", code="") == 1
+    assert s.metric("executor_serve_invocation_duration_seconds_count", isolation="fork") == 1
+
+
+def test_warm_files_are_byte_identical_to_the_one_shot_path(server, tmp_path):
+    s = server()
+    for name, task, values in (("ok", "add", {"a": 1, "b": 2}), ("bad", "fail", {"x": 3})):
+        warm = invocation(tmp_path, f"warm-{name}", task, {**values})
+        s.run(warm)
+        cold = invocation(tmp_path, f"cold-{name}", task, {**values})
+        proc = subprocess.run([sys.executable, "-m", "executor", *cold["argv"]], env=env_with(), cwd=str(REPO),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert out_files(tmp_path, f"warm-{name}") == out_files(tmp_path, f"cold-{name}")
+    assert (tmp_path / "warm-ok/out/outputs.pb").read_bytes() == (tmp_path / "cold-ok/out/outputs.pb").read_bytes()
+    warm_error, cold_error = error_doc(tmp_path, "warm-bad"), error_doc(tmp_path, "cold-bad")
+    assert (warm_error.code, warm_error.kind, warm_error.origin) == (cold_error.code, cold_error.kind, cold_error.origin)
+    assert warm_error.message.splitlines()[0] == cold_error.message.splitlines()[0] == "USER: ValueError: no good: 3"
+    assert "in fail" in warm_error.message and "serve_tasks.py" in warm_error.message  # the user's frame
+
+
+def test_a_retried_post_never_runs_the_task_twice(server, tmp_path):
+    s = server("--concurrency", "4")
+    body = invocation(tmp_path, "once", "record_run", {"x": 7}, env=scratch_env(tmp_path, "once"))
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(s.post(body))) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(a[0] for a in answers) in ([202] * 5, [200] + [202] * 4, [200] * 2 + [202] * 3)
+    assert s.wait_done("once")["result"]["outcome"] == "success"
+    status, again = s.post(body, wait=5)
+    assert status == 200 and again["result"]["outcome"] == "success"
+    assert (tmp_path / "scratch-once" / "runs").read_text() == "7\n"
+    assert s.metric("executor_serve_invocations_total", outcome="success", code="") == 1
+    changed = dict(body, env={**body["env"], "OTHER": "1"})
+    status, conflict = s.post(changed)
+    assert status == 409 and conflict["error"] == "conflict"
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b"{not json", "Expecting"),
+    (b'["a list"]', "JSON object"),
+    (json.dumps({"id": "x", "argv": []}).encode(), '"argv"'),
+    (json.dumps({"id": "", "argv": ["pyflyte-execute"]}).encode(), '"id"'),
+    (json.dumps({"id": "x", "argv": ["pyflyte-execute", "--output-prefix", "o", "--", "task-module", "m",
+                                     "task-name", "t"]}).encode(), "--inputs"),
+    (json.dumps({"id": "x", "argv": ["rm", "-rf", "/"]}).encode(), "argv[0]"),
+    (json.dumps({"id": "x", "argv": ["pyflyte-execute"], "env": {"A": 1}}).encode(), '"env"'),
+    (json.dumps({"id": "x", "argv": ["pyflyte-execute"], "isolation": "none"}).encode(), '"isolation"'),
+    (json.dumps({"id": "x", "argv": ["pyflyte-execute"], "surprise": 1}).encode(), "surprise"),
+])
+def test_unusable_requests_are_400_and_name_the_problem(server, tmp_path, body, reason):
+    s = server()
+    status, content, _ = s.request("POST", "/invocations", body)
+    assert status == 400 and reason in content["reason"], content
+    assert s.metric("executor_serve_invocations_total", outcome="failure", code="USER") == 0
+
+
+def test_unknown_ids_and_routes(server):
+    s = server()
+    assert s.get("nope")[0] == 404
+    assert s.request("DELETE", "/invocations/nope")[0] == 404
+    assert s.request("GET", "/elsewhere")[0] == 404
+    assert s.request("POST", "/elsewhere", {})[0] == 404
+
+
+def test_long_poll_returns_when_done(server, tmp_path):
+    s = server()
+    body = invocation(tmp_path, "poll", "sleep_then_add", {"a": 1, "b": 1}, env={"SLEEP_SECONDS": "0.5"})
+    assert s.post(body)[0] == 202
+    status, record = s.get("poll", wait=60)
+    assert status == 200 and record["state"] == "done" and output_value(tmp_path, "poll") == 2
+
+
+# --- isolation -----------------------------------------------------------------------------------
+
+
+def test_each_invocation_sees_only_its_own_env(server, tmp_path):
+    s = server("--concurrency", "4", "--pass-env", "PASSED,PREFIX_*",
+               env={"PASSED": "from-server", "PREFIX_A": "a", "NOT_PASSED": "hidden", "OVERRIDDEN": "server"})
+    bodies = [
+        invocation(tmp_path, f"env-{i}", "env_of", {"names": "MINE,PASSED,PREFIX_A,NOT_PASSED,OVERRIDDEN,PATH"},
+                   env={"MINE": f"value-{i}", **({"OVERRIDDEN": "request"} if i == 0 else {})}, isolation=iso)
+        for i, iso in enumerate(["fork", "fork", "inprocess", "inprocess"])
+    ]
+    for body in bodies:
+        assert s.post(body)[0] == 202
+    for i, body in enumerate(bodies):
+        assert s.wait_done(body["id"])["result"]["outcome"] == "success"
+        seen = output_value(tmp_path, body["id"])["values"]
+        assert seen["MINE"] == f"value-{i}"
+        assert seen["PASSED"] == "from-server" and seen["PREFIX_A"] == "a"
+        assert seen["NOT_PASSED"] == "<unset>" and seen["PATH"] == "<unset>"  # replaced, not merged
+        assert seen["OVERRIDDEN"] == ("request" if i == 0 else "<unset>")
+
+
+def test_module_state_never_leaks_between_isolated_invocations(server, tmp_path):
+    s = server("--concurrency", "1")
+    counts = [s.run(invocation(tmp_path, f"fork-{i}", "count_calls", {"x": i})) and output_value(tmp_path, f"fork-{i}")
+              for i in range(3)]
+    assert counts == [1, 1, 1]
+    # In-process is the documented trade-off: one warm runner, its module state carries over.
+    inproc = [s.run(invocation(tmp_path, f"inproc-{i}", "count_calls", {"x": i}, isolation="inprocess"))
+              and output_value(tmp_path, f"inproc-{i}") for i in range(3)]
+    assert inproc == [1, 2, 3]
+
+
+@pytest.mark.parametrize("isolation", ["fork", "inprocess"])
+def test_fresh_working_and_temp_directories(server, tmp_path, isolation):
+    s = server("--concurrency", "1")
+    seen = []
+    for i in range(2):
+        s.run(invocation(tmp_path, f"where-{i}", "where", {"content": f"from {i}"}, isolation=isolation))
+        seen.append(output_value(tmp_path, f"where-{i}"))
+    first, second = seen
+    assert first["cwd"] != second["cwd"] and first["tmp"] != second["tmp"]
+    assert first["TMPDIR"] == first["tmp"] and second["TMPDIR"] == second["tmp"]
+    assert second["found"] == {"cwd": [], "tmp": []}  # nothing the first one left behind
+    assert not os.path.exists(first["cwd"]) and not os.path.exists(first["tmp"])  # removed once finished
+
+
+def test_secrets_are_per_invocation_and_redacted(server, tmp_path):
+    s = server("--concurrency", "2")
+    secret = security_pb2.Secret(group="api", key="token", env_var="MY_TOKEN")
+    template = ["--task-template", str(_template(tmp_path / "t.pb", secrets=[secret]))]
+    with_secret = invocation(tmp_path, "with", "shout_secret", {"x": -1}, env={"_FSEC_API_TOKEN": SECRET}, extra=template)
+    without = invocation(tmp_path, "without", "secrets_visible", {"x": 1})
+    missing = invocation(tmp_path, "missing", "shout_secret", {"x": 1}, extra=template)
+    s.run(with_secret)
+    s.run(without)
+    record = s.run(missing)
+    error = error_doc(tmp_path, "with")
+    assert error.code == "USER" and "[redacted]" in error.message and SECRET not in error.message
+    assert output_value(tmp_path, "without") == {}  # nothing of the other invocation's secret
+    assert record["result"]["error"]["code"] == "SECRET_MISSING" and record["result"]["error"]["phase"] == "spec"
+    s.stop()
+    log = s.log()
+    assert "stdout has [redacted]" in log and "stderr has [redacted]" in log
+    assert SECRET not in log and SECRET.encode() not in (tmp_path / "with" / "out" / "error.pb").read_bytes()
+
+
+def test_template_env_applies_to_its_invocation_only(server, tmp_path):
+    s = server()
+    template = ["--task-template", str(_template(tmp_path / "t.pb", env={"FROM_TEMPLATE": "yes"}))]
+    s.run(invocation(tmp_path, "templated", "env_of", {"names": "FROM_TEMPLATE"}, extra=template))
+    s.run(invocation(tmp_path, "plain", "env_of", {"names": "FROM_TEMPLATE"}))
+    assert output_value(tmp_path, "templated")["values"] == {"FROM_TEMPLATE": "yes"}
+    assert output_value(tmp_path, "plain")["values"] == {"FROM_TEMPLATE": "<unset>"}
+
+
+def test_async_task_in_process(server, tmp_path):
+    s = server()
+    record = s.run(invocation(tmp_path, "async", "async_add", {"a": 2, "b": 3}, isolation="inprocess"))
+    assert record["isolation"] == "inprocess" and output_value(tmp_path, "async") == 5
+
+
+def test_server_default_isolation_flag(server, tmp_path):
+    s = server("--isolation", "inprocess", "--concurrency", "1")
+    pids = {s.run(invocation(tmp_path, f"p{i}", "pid", {"x": i}))["isolation"] for i in range(2)}
+    assert pids == {"inprocess"}
+    assert output_value(tmp_path, "p0") == output_value(tmp_path, "p1")  # the same warm runner
+
+
+# --- runtime controls ---------------------------------------------------------------------------
+
+
+def test_timeout_is_enforced_and_explained(server, tmp_path):
+    s = server("--concurrency", "2")
+    slow = invocation(tmp_path, "slow", "sleepy", {"seconds": 300.0},
+                      env={**scratch_env(tmp_path, "slow"), "EXECUTOR_TIMEOUT_SECONDS": "1", "EXECUTOR_GRACE_SECONDS": "2"})
+    fine = invocation(tmp_path, "fine", "add", {"a": 1, "b": 2})
+    assert s.post(slow)[0] == 202
+    s.run(fine)
+    record = s.wait_done("slow")
+    assert record["result"]["error"]["code"] == "TIMEOUT"
+    error = error_doc(tmp_path, "slow")
+    assert "timeout of 1 s" in error.message and "in sleepy" in error.message  # the user's frame from the stack dump
+    assert not alive(int((tmp_path / "scratch-slow" / "started").read_text()))
+    assert out_files(tmp_path, "fine") == ["outputs.pb"]
+
+
+@pytest.mark.parametrize("isolation", ["fork", "inprocess"])
+def test_cancel_a_running_invocation(server, tmp_path, isolation):
+    s = server()
+    body = invocation(tmp_path, "victim", "stubborn", {"seconds": 300.0}, isolation=isolation,
+                      env={**scratch_env(tmp_path, "victim"), "EXECUTOR_GRACE_SECONDS": "1"})
+    assert s.post(body)[0] == 202
+    started = wait_for(lambda: (tmp_path / "scratch-victim" / "started").exists() and
+                       (tmp_path / "scratch-victim" / "started").read_text(), what="the task to start")
+    status, cancelling = s.request("DELETE", "/invocations/victim")[:2]
+    assert status == 202 and cancelling["cancel_requested"] is True
+    record = s.wait_done("victim")
+    assert record["result"]["error"]["code"] == "PREEMPTED" and "cancelled" in record["result"]["error"]["message"]
+    assert out_files(tmp_path, "victim") == ["error.pb"] and error_doc(tmp_path, "victim").kind == 1
+    assert not alive(int(started))  # SIGTERM ignored: killed after the grace period
+    assert s.request("DELETE", "/invocations/victim")[0] == 409
+    assert s.run(invocation(tmp_path, "after", "add", {"a": 1, "b": 1}, isolation=isolation))["result"]["outcome"] == "success"
+
+
+def test_cancel_a_queued_invocation(server, tmp_path):
+    s = server("--concurrency", "1")
+    blocker = invocation(tmp_path, "blocker", "sleepy", {"seconds": 300.0}, env=scratch_env(tmp_path, "blocker"))
+    queued = invocation(tmp_path, "queued", "record_run", {"x": 1}, env=scratch_env(tmp_path, "queued"))
+    assert s.post(blocker)[0] == 202
+    status, record = s.post(queued)
+    assert status == 202 and record["state"] == "queued"
+    assert s.request("DELETE", "/invocations/queued")[0] == 202
+    record = s.wait_done("queued")
+    assert record["result"]["error"]["code"] == "PREEMPTED" and "before it started" in record["result"]["error"]["message"]
+    assert out_files(tmp_path, "queued") == ["error.pb"]
+    assert not (tmp_path / "scratch-queued" / "runs").exists()
+    assert s.get("blocker")[1]["state"] == "running"  # untouched
+    assert s.request("DELETE", "/invocations/blocker")[0] == 202
+    assert s.wait_done("blocker")["result"]["error"]["code"] == "PREEMPTED"
+
+
+def test_busy_answer_beyond_the_backlog(server, tmp_path):
+    s = server("--concurrency", "1", "--backlog", "1")
+    first = invocation(tmp_path, "first", "sleepy", {"seconds": 300.0}, env=scratch_env(tmp_path, "first"))
+    second = invocation(tmp_path, "second", "add", {"a": 1, "b": 1})
+    third = invocation(tmp_path, "third", "add", {"a": 2, "b": 2})
+    assert s.post(first)[0] == 202
+    assert s.post(second)[1]["state"] == "queued"
+    status, content, headers = s.request("POST", "/invocations", third)
+    assert status == 429 and content["error"] == "busy" and "--backlog 1" in content["reason"]
+    assert headers["Retry-After"] == "1"
+    assert s.metric("executor_serve_rejected_total", reason="busy") == 1
+    assert s.metric("executor_serve_queued") == 1 and s.metric("executor_serve_in_flight") == 1
+    assert s.request("DELETE", "/invocations/first")[0] == 202
+    assert s.wait_done("second")["result"]["outcome"] == "success"
+    assert s.get("third")[0] == 404  # refused means not remembered: the caller may retry the same id
+    assert s.run(third)["result"]["outcome"] == "success"
+
+
+def test_oom_and_native_crash_are_classified(server, tmp_path):
+    s = server("--concurrency", "2")
+    s.run(invocation(tmp_path, "oom", "killed_by_kernel", {"x": 1}))
+    s.run(invocation(tmp_path, "crash", "segfault", {"x": 1}))
+    oom, crash = error_doc(tmp_path, "oom"), error_doc(tmp_path, "crash")
+    assert oom.code == "OOM" and "SIGKILL" in oom.message
+    assert crash.code == "USER" and "SIGSEGV" in crash.message
+    # an in-process runner that crashes is replaced; the next invocation gets a fresh one
+    s.run(invocation(tmp_path, "crash-inproc", "segfault", {"x": 1}, isolation="inprocess"))
+    assert error_doc(tmp_path, "crash-inproc").code == "USER"
+    assert s.run(invocation(tmp_path, "next", "add", {"a": 2, "b": 2}, isolation="inprocess"))["result"]["outcome"] == "success"
+
+
+def test_recoverable_failures_are_retried_in_place(server, tmp_path):
+    s = server()
+    record = s.run(invocation(tmp_path, "flaky", "flaky", {"failures": 2},
+                              env={**scratch_env(tmp_path, "flaky"), "EXECUTOR_RETRIES": "2", "EXECUTOR_RETRY_BASE_DELAY": "0.05"}))
+    assert record["result"]["outcome"] == "success" and record["result"]["attempts"] == 3
+    assert output_value(tmp_path, "flaky") == 3 and out_files(tmp_path, "flaky") == ["outputs.pb"]
+
+
+# --- pools and workers ----------------------------------------------------------------------------
+
+
+def _bundle(tmp_path: Path, name: str, answer: int) -> str:
+    src = tmp_path / f"src-{name}"
+    (src / "bundled").mkdir(parents=True)
+    (src / "bundled" / "__init__.py").write_text("")
+    (src / "bundled" / "tasks.py").write_text(f"def answer(x: int) -> int:\n    return x + {answer}\n")
+    proc = subprocess.run([sys.executable, "-m", "executor", "bundle", "build", str(src), str(tmp_path / f"b-{name}")],
+                          env=env_with(), cwd=str(REPO), capture_output=True, text=True, check=True)
+    return proc.stdout.strip()
+
+
+def _fast(tmp_path: Path, name: str, bundle: str, x: int, env: dict | None = None) -> dict:
+    body = invocation(tmp_path, name, "answer", {"x": x}, module="bundled.tasks", env=env)
+    body["argv"] = ["pyflyte-fast-execute", "--additional-distribution", bundle, "--dest-dir", str(tmp_path / name / "dest"),
+                    "--", *body["argv"]]
+    return body
+
+
+def test_one_warm_pool_per_bundle_least_recently_used_retired(server, tmp_path):
+    one, two = _bundle(tmp_path, "one", 100), _bundle(tmp_path, "two", 200)
+    cache = {"EXECUTOR_CACHE_DIR": str(tmp_path / "cache")}
+    s = server("--max-pools", "1", env=cache)
+    assert s.run(_fast(tmp_path, "one-a", one, 1, env=cache))["pool"].endswith(":bundled.tasks")
+    s.run(_fast(tmp_path, "one-b", one, 2, env=cache))
+    s.run(_fast(tmp_path, "two-a", two, 3, env=cache))
+    s.run(_fast(tmp_path, "one-c", one, 4, env=cache))
+    assert [output_value(tmp_path, n) for n in ("one-a", "one-b", "two-a", "one-c")] == [101, 102, 203, 104]
+    assert s.metric("executor_serve_pool_requests_total", result="hit") == 1
+    assert s.metric("executor_serve_pool_requests_total", result="miss") == 3
+    assert s.metric("executor_serve_worker_recycles_total", reason="lru") == 2
+    assert s.metric("executor_serve_bundle_cache_total", result="miss") == 2  # "one" came from the node cache the 2nd time
+    assert s.metric("executor_serve_bundle_cache_total", result="hit") == 1
+    assert s.metric("executor_serve_pools") == 1
+
+
+def test_workers_are_replaced_after_k_invocations(server, tmp_path):
+    s = server("--max-invocations-per-worker", "3", "--concurrency", "1")
+    pools = set()
+    for i in range(7):
+        record = s.run(invocation(tmp_path, f"k{i}", "add", {"a": i, "b": 0}))
+        assert record["result"]["outcome"] == "success"
+        pools.add(record["pool"])
+    assert [output_value(tmp_path, f"k{i}") for i in range(7)] == list(range(7))
+    assert s.metric("executor_serve_worker_recycles_total", reason="max_invocations") == 2
+    assert s.metric("executor_serve_pool_requests_total", result="miss") == 3
+    assert len(pools) == 1
+
+
+def test_in_process_runner_replaced_above_the_rss_ceiling(server, tmp_path):
+    s = server("--max-worker-rss-mib", "150", "--concurrency", "1")
+    first = s.run(invocation(tmp_path, "hog", "hog", {"megabytes": 200}, isolation="inprocess"))
+    assert first["result"]["outcome"] == "success"
+    s.run(invocation(tmp_path, "after", "pid", {"x": 1}, isolation="inprocess"))
+    assert output_value(tmp_path, "after") != output_value(tmp_path, "hog")  # a fresh runner
+    s.stop()
+    assert "recycling an in-process runner" in s.log()
+
+
+def test_server_exits_after_the_idle_ttl(server, tmp_path):
+    s = server("--idle-ttl", "1")
+    s.run(invocation(tmp_path, "only", "add", {"a": 1, "b": 1}))
+    assert s.proc.wait(timeout=60) == 0
+    assert "idle for the idle TTL" in s.log()
+    assert not (tmp_path / "serve-work").exists()
+
+
+def test_a_dead_worker_still_leaves_an_error_document(server, tmp_path):
+    s = server()
+    body = invocation(tmp_path, "orphaned", "sleepy", {"seconds": 300.0}, env=scratch_env(tmp_path, "orphaned"))
+    assert s.post(body)[0] == 202
+    task_pid = int(wait_for(lambda: (tmp_path / "scratch-orphaned" / "started").exists() and
+                            (tmp_path / "scratch-orphaned" / "started").read_text(), what="the task"))
+    forkserver = [p for p in descendants(s.proc.pid) if task_pid in descendants(p)][0]
+    os.kill(forkserver, signal.SIGKILL)
+    record = s.wait_done("orphaned")
+    assert record["result"]["error"]["code"] == "SYSTEM" and "died" in record["result"]["error"]["message"]
+    assert out_files(tmp_path, "orphaned") == ["error.pb"]
+    wait_for(lambda: not alive(task_pid), what="the task to die with its worker")
+    assert s.run(invocation(tmp_path, "next", "add", {"a": 1, "b": 1}))["result"]["outcome"] == "success"
+
+
+def test_nothing_outlives_a_killed_server(server, tmp_path):
+    s = server("--concurrency", "2")
+    for i in range(2):
+        assert s.post(invocation(tmp_path, f"s{i}", "sleepy", {"seconds": 300.0}, env=scratch_env(tmp_path, f"s{i}"),
+                                 isolation=["fork", "inprocess"][i]))[0] == 202
+    for i in range(2):
+        wait_for(lambda: (tmp_path / f"scratch-s{i}" / "started").exists(), what="the tasks to start")
+    tree = descendants(s.proc.pid)
+    assert len(tree) >= 3
+    s.kill()
+    wait_for(lambda: not any(alive(p) for p in tree), what="every worker and task to exit")
+    for i in range(2):  # the fork server reported them before going: PREEMPTED, each with its error.pb
+        assert error_doc(tmp_path, f"s{i}").code == "PREEMPTED"
+
+
+# --- SIGTERM --------------------------------------------------------------------------------------
+
+
+def test_sigterm_drains_running_work_and_preempts_the_queue(server, tmp_path):
+    s = server("--concurrency", "1", "--grace", "60")
+    running = invocation(tmp_path, "running", "sleepy", {"seconds": 4.0}, env=scratch_env(tmp_path, "running"))
+    queued = invocation(tmp_path, "queued", "add", {"a": 1, "b": 1})
+    assert s.post(running)[0] == 202
+    assert s.post(queued)[1]["state"] == "queued"
+    wait_for(lambda: (tmp_path / "scratch-running" / "started").exists(), what="the task to start")
+    s.signal(signal.SIGTERM)
+    wait_for(lambda: s.request("GET", "/readyz")[0] == 503, what="readyz to fail")
+    status, refused, _ = s.request("POST", "/invocations", invocation(tmp_path, "late", "add", {"a": 1, "b": 1}))
+    assert status == 503 and refused["error"] == "draining"
+    assert s.proc.wait(timeout=60) == 0
+    assert output_value(tmp_path, "running") == 4.0  # drained: it finished
+    assert error_doc(tmp_path, "queued").code == "PREEMPTED" and out_files(tmp_path, "queued") == ["error.pb"]
+    assert out_files(tmp_path, "late") == []
+
+
+def test_sigterm_preempts_what_outlasts_the_grace_period(server, tmp_path):
+    s = server("--concurrency", "2", "--grace", "10")
+    for name in ("a", "b"):
+        assert s.post(invocation(tmp_path, name, "stubborn", {"seconds": 300.0}, env=scratch_env(tmp_path, name),
+                                 isolation="fork" if name == "a" else "inprocess"))[0] == 202
+    pids = [int(wait_for(lambda n=n: (tmp_path / f"scratch-{n}" / "started").exists() and
+                         (tmp_path / f"scratch-{n}" / "started").read_text(), what="the tasks")) for n in ("a", "b")]
+    s.signal(signal.SIGTERM)
+    assert s.proc.wait(timeout=60) == 0
+    for name in ("a", "b"):
+        error = error_doc(tmp_path, name)
+        assert error.code == "PREEMPTED" and "SIGTERM" in error.message and out_files(tmp_path, name) == ["error.pb"]
+    assert not any(alive(p) for p in pids)
+
+
+# --- JSON lines ----------------------------------------------------------------------------------
+
+
+def test_json_lines_on_stdin_and_stdout(server, tmp_path):
+    s = server(stdio=True)
+    requests = [
+        invocation(tmp_path, "j1", "add", {"a": 3, "b": 4}),
+        invocation(tmp_path, "j2", "prints", {"x": 5}),
+        {"op": "invoke", **invocation(tmp_path, "j3", "fail", {"x": 1})},
+        {"id": "bad", "argv": ["nonsense"]},
+    ]
+    out, err = s.proc.communicate("\n".join(json.dumps(r) for r in requests) + "\n", timeout=120)
+    assert s.proc.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]  # every line is the protocol: no task output
+    by = {(e.get("id"), e["event"]) for e in events}
+    assert {("j1", "accepted"), ("j2", "accepted"), ("j3", "accepted"), ("bad", "rejected")} <= by
+    finished = {e["id"]: e for e in events if e["event"] == "finished"}
+    assert set(finished) == {"j1", "j2", "j3"}
+    assert finished["j1"]["result"]["outcome"] == "success" and output_value(tmp_path, "j1") == 7
+    assert finished["j3"]["result"]["error"]["code"] == "USER"
+    assert "a line on the task's stdout" in s.log()
+
+
+# --- the one-shot path stays lean ----------------------------------------------------------------
+
+
+def test_the_one_shot_path_never_imports_serve(tmp_path):
+    body = invocation(tmp_path, "cold", "add", {"a": 1, "b": 1})
+    code = ("import sys, runpy; sys.argv = ['executor'] + sys.argv[1:]; from executor import cli; cli.main(); "
+            "print(sorted(m for m in sys.modules if m.startswith('executor.serve')))")
+    proc = subprocess.run([sys.executable, "-c", code, *body["argv"]], env=env_with(), cwd=str(REPO),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert output_value(tmp_path, "cold") == 2
+
+
+def test_usage_errors_of_serve_itself_exit_2(tmp_path):
+    for args in (["--listen", "nowhere"], ["--isolation", "none"], ["--bogus"]):
+        proc = subprocess.run([sys.executable, "-m", "executor", "serve", *args], env=env_with(), cwd=str(REPO),
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "executor serve" in proc.stderr, (args, proc.stderr)
+
+
+_ = (pyflyte_execute_args, TASKS, time)
