@@ -133,3 +133,16 @@ async def async_add(a: int, b: int) -> int:
 def sleep_then_add(a: int, b: int) -> int:
     time.sleep(float(os.environ.get("SLEEP_SECONDS", "0")))
     return a + b
+
+
+def mark(x: int) -> str:
+    """Runs at most once per invocation (an exclusive marker file), and says whose it is."""
+    me = os.environ["MARK"]
+    fd = os.open(os.path.join(os.environ["SCRATCH"], me), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.close(fd)
+    if x % 13 == 0:
+        raise ValueError(f"{me} fails on purpose")
+    seconds = float(os.environ.get("SLEEP_SECONDS", "0"))
+    if seconds:
+        time.sleep(seconds)
+    return f"{x}:{me}"
