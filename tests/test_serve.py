@@ -319,6 +319,17 @@ def test_oom_and_native_crash_are_classified(server, tmp_path):
     assert s.run(invocation(tmp_path, "next", "add", {"a": 2, "b": 2}, isolation="inprocess"))["result"]["outcome"] == "success"
 
 
+def test_local_checkpoint_is_uploaded_after_a_timeout(server, tmp_path):
+    s = server()
+    ckpt = tmp_path / "ckpt"
+    body = invocation(tmp_path, "ckpt", "saves_locally_then_sleeps", {"seconds": 300}, module="tests.sample_tasks.runtime",
+                      env={**scratch_env(tmp_path, "ckpt"), "EXECUTOR_TIMEOUT_SECONDS": "1", "EXECUTOR_GRACE_SECONDS": "1"},
+                      extra=["--checkpoint-path", str(ckpt)])
+    record = s.run(body)
+    assert record["result"]["error"]["code"] == "TIMEOUT"
+    assert (ckpt / "state.txt").read_text() == "halfway"
+
+
 def test_recoverable_failures_are_retried_in_place(server, tmp_path):
     s = server()
     record = s.run(invocation(tmp_path, "flaky", "flaky", {"failures": 2},

@@ -16,7 +16,7 @@ invocation is then
   4. finished with execute.finish (the one error document, the summary line), then reported.
 
 Messages (executor.serve.channel) from the server: run, cancel, stop_all, exit. To the server:
-warm, started, done.
+warm, done.
 
 Signals (one table):
 """
@@ -74,11 +74,12 @@ class Job:
     runner: "Runner | None" = None
     retry_at: float | None = None
     last_failure: TaskFailure | None = None
+    pid: int | None = None  # of the process that ran its last attempt
     stop_reason: tuple[str, str, float | None] | None = None
 
     @property
     def checkpoint_local(self) -> str:
-        return os.path.join(self.view.tmpdir, "executor-checkpoint")
+        return os.path.join(self.root, "checkpoint")
 
 
 class Runner:
@@ -119,6 +120,7 @@ class ForkServer:
         self.busy: dict[int, Job] = {}  # pid -> the job whose attempt runs in it now
         self.runners: dict[int, Runner] = {}
         self.spares: list[Runner] = []
+        self.template = None  # the last invocation launched: what a spare rehearses
         self.warm = False
         self.bundle_root: str | None = None
         self.exiting = False
@@ -164,12 +166,18 @@ class ForkServer:
         self.sigterm = True  # acted on in the loop (the wakeup fd woke it)
 
     def _fd_owners(self) -> dict:
+        """What to wait on: the server, signals, each running attempt's pipes, and the relayed output
+        of idle children (a spare or a finished child is otherwise only heard of when it is reaped)."""
         owners: dict = {} if self.server_lost else {self.channel.fileno(): "channel"}
         owners[self.wake_r] = "wake"
         for pid, proc in self.procs.items():
             job = self.busy.get(pid)
-            for fd in (job.attempt.fds() if job is not None else proc.fds()):
-                owners[fd] = (proc, job)
+            if job is not None:
+                for fd in job.attempt.fds():
+                    owners[fd] = (proc, job)
+            elif proc.relay:
+                for fd in proc.relay.fds():
+                    owners[fd] = (proc, None)
         return owners
 
     def _timeout(self, now: float) -> float:
@@ -258,17 +266,22 @@ class ForkServer:
             job = self.busy.get(pid)
             if job is not None and job.attempt is not None:
                 job.attempt.on_exit(status, rusage, time.monotonic())
-            else:
+            else:  # a child whose attempt is over, a spare, an idle runner: gone, with its last output
                 proc.exited_at(status, rusage, time.monotonic())
+                if proc.relay:
+                    proc.relay.drain()
+                self._forget_proc(pid)
 
     def _close_drained(self, now: float) -> None:
         for pid, proc in list(self.procs.items()):
             if pid not in self.busy and proc.drained(now):
-                proc.close()
-                del self.procs[pid]
-                runner = self.runners.pop(pid, None)
-                if runner is not None:
-                    runner.retire()
+                self._forget_proc(pid)
+
+    def _forget_proc(self, pid: int) -> None:
+        self.procs.pop(pid).close()
+        runner = self.runners.pop(pid, None)
+        if runner is not None:
+            runner.retire()
 
     # --- one invocation ----------------------------------------------------------------------------
 
@@ -284,6 +297,7 @@ class ForkServer:
         logs._context = {"invocation": job.id}
         try:
             isolation.make_dirs(view)
+            os.mkdir(job.checkpoint_local)
             if message.get("failure"):  # decided by the server: report it, run nothing
                 code, text, hint = message["failure"]
                 failure = TaskFailure(code, text, hint=hint)
@@ -361,6 +375,7 @@ class ForkServer:
         else:
             runner = self._take_spare() or self._fork_runner(one_shot=True, relay=False)
         job.runner = runner
+        self.template = job.invocation
         runner.send({"view": job.view, "invocation": job.invocation, "attempt_no": job.attempt_no,
                      "prev_checkpoint": job.prev_checkpoint, "checkpoint_local": job.checkpoint_local})
         proc = runner.proc
@@ -372,8 +387,7 @@ class ForkServer:
         if job.stop_reason is not None:
             message, hint, grace = job.stop_reason
             job.attempt.stop(message, hint, time.monotonic(), grace)
-        if job.attempt_no == 0:
-            self._send({"event": "started", "id": job.id, "pid": proc.pid})
+        job.pid = proc.pid
 
     def _stop(self, job: Job, message: str, hint: str, grace: float | None) -> None:
         logs._context = {"invocation": job.id}
@@ -453,7 +467,7 @@ class ForkServer:
             result = execute.finish(job.invocation, attempt, job.diagnostics)
         failure = attempt.failure
         self._send({
-            "event": "done", "id": job.id, "rss": isolation.current_rss(),
+            "event": "done", "id": job.id, "rss": isolation.current_rss(), "pid": job.pid,
             "result": {
                 "outcome": result.outcome,
                 "exit_code": result.exit_code,
@@ -469,7 +483,7 @@ class ForkServer:
             },
         })
         self._remove_redactions(job.view.redactions)
-        shutil.rmtree(job.root, ignore_errors=True)
+        _remove_tree(job.root)
         del self.jobs[job.id]
 
     # --- in-process runners ------------------------------------------------------------------------
@@ -482,12 +496,13 @@ class ForkServer:
         return None
 
     def _refill_spares(self) -> None:
-        """Keep one isolated child forked ahead of need: the fork and its set-up leave the invocation's path."""
+        """Keep one isolated child forked ahead of need: the fork, its set-up and a rehearsal of the
+        attempt's code leave the invocation's path."""
         self.spares = [r for r in self.spares if not r.proc.exited]
-        if self.warm and not self.exiting and not self.spares:
-            self.spares.append(self._fork_runner(one_shot=True, relay=False))
+        if self.warm and not self.exiting and not self.spares and self.template is not None:
+            self.spares.append(self._fork_runner(one_shot=True, relay=False, rehearse=self.template))
 
-    def _fork_runner(self, one_shot: bool, relay: bool) -> Runner:
+    def _fork_runner(self, one_shot: bool, relay: bool, rehearse=None) -> Runner:
         pipes = watch.Pipes(relay=relay)
         job_r, job_w = os.pipe()
         close = self._own_fds() + [job_w]
@@ -505,6 +520,8 @@ class ForkServer:
                     except OSError:
                         pass
                 self._forget_everything_but(None)
+                if rehearse is not None:
+                    _rehearse(rehearse, self.work_dir)
                 _runner_loop(job_r, reporter, one_shot)
                 code = 0
             except BaseException as e:
@@ -574,6 +591,31 @@ def _preload(invocation) -> None:
         runnable.output_literal_types()
 
 
+def _rehearse(invocation, scratch_dir: str) -> None:
+    """In a spare child, before it has an invocation: walk the code an attempt walks (load the task,
+    a phase, protobuf and the literal types, an atomic write, a report line) so that its copy-on-write
+    page faults are paid now rather than on an invocation's time. Nothing of the task itself runs."""
+    try:
+        import json
+
+        from executor import loader, storage
+        from flyteidl.core import literals_pb2
+
+        with execute.phase("load", Diagnostics()):
+            runnable = loader.load(invocation)
+        if hasattr(runnable, "output_literal_types"):
+            runnable.output_literal_types()
+        literals_pb2.LiteralMap.FromString(literals_pb2.LiteralMap().SerializeToString())
+        path = os.path.join(scratch_dir, f".rehearsal-{os.getpid()}")
+        storage.write_bytes(path, b"rehearsal")
+        storage.read_bytes(path)
+        os.unlink(path)
+        json.dumps({"done": "success", "written": [path], "failure": None})
+        f"{time.monotonic()!r} {0.0!r}".encode()
+    except BaseException:  # a rehearsal never fails the spare
+        pass
+
+
 def _runner_loop(job_r: int, reporter: watch.Reporter, one_shot: bool) -> None:
     """A runner: one attempt (one_shot), or attempt after attempt in this process, each with its own view."""
     base_path, base_cwd = list(sys.path), os.getcwd()
@@ -597,6 +639,15 @@ def _runner_loop(job_r: int, reporter: watch.Reporter, one_shot: bool) -> None:
                 execute.phase_listener = None
         if one_shot:
             return
+
+
+def _remove_tree(root: str) -> None:
+    """An invocation's directories: usually empty, so three rmdirs; else the whole tree."""
+    try:
+        for sub in ("work", "tmp", "checkpoint", ""):
+            os.rmdir(os.path.join(root, sub) if sub else root)
+    except OSError:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _read_frame(fd: int):

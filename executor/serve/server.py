@@ -163,13 +163,10 @@ class Server:
                 worker.in_flight.discard(message["id"])
                 worker.rss = message.get("rss", worker.rss)
                 if record is not None and record.state != DONE:
+                    record.worker_pid = message.get("pid")
                     finished = self._finish(record, message["result"])
                 self.pools.after_done(worker)
                 self._fill_slots()
-            elif event == "started":
-                record = self.registry.get(message["id"])
-                if record is not None:
-                    record.worker_pid = message["pid"]
             elif event == "warm":
                 worker.warm = True
                 worker.rss = message.get("rss", worker.rss)
