@@ -213,6 +213,17 @@ def test_secrets_are_per_invocation_and_redacted(server, tmp_path):
     assert SECRET not in log and SECRET.encode() not in (tmp_path / "with" / "out" / "error.pb").read_bytes()
 
 
+def test_a_secret_never_reaches_a_later_invocations_subprocesses(server, tmp_path):
+    s = server("--concurrency", "1")
+    secret = security_pb2.Secret(group="api", key="token", env_var="MY_TOKEN")
+    template = ["--task-template", str(_template(tmp_path / "t.pb", secrets=[secret]))]
+    s.run(invocation(tmp_path, "holder", "subprocess_env", {"x": 1}, env={"_FSEC_API_TOKEN": SECRET}, extra=template))
+    for isolation in ("fork", "inprocess"):
+        s.run(invocation(tmp_path, f"later-{isolation}", "subprocess_env", {"x": 2}, isolation=isolation))
+        assert SECRET not in output_value(tmp_path, f"later-{isolation}")
+    assert f"MY_TOKEN={SECRET}" in output_value(tmp_path, "holder")  # its own subprocess has it
+
+
 def test_template_env_applies_to_its_invocation_only(server, tmp_path):
     s = server()
     template = ["--task-template", str(_template(tmp_path / "t.pb", env={"FROM_TEMPLATE": "yes"}))]

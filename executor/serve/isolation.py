@@ -44,15 +44,25 @@ def environment(env: dict[str, str], tmpdir: str | None = None):
     data = os.environ._data
     saved, saved_tempdir = data.copy(), tempfile.tempdir
     encode_key, encode_value = os.environ.encodekey, os.environ.encodevalue
+    start = {encode_key(k): encode_value(v) for k, v in env.items()}
     data.clear()
-    data.update({encode_key(k): encode_value(v) for k, v in env.items()})
+    data.update(start)
     tempfile.tempdir = tmpdir
     try:
         yield
     finally:
+        after = data.copy()
         data.clear()
         data.update(saved)
         tempfile.tempdir = saved_tempdir
+        # What the block set or deleted (the spec's env, secrets) also went to the C-level environment
+        # through putenv: put that back, or later children would inherit it.
+        for key in after.keys() | start.keys():
+            if after.get(key) != start.get(key):
+                if key in saved:
+                    os.putenv(key, saved[key])
+                else:
+                    os.unsetenv(key)
 
 
 def enter(view: View, close_fds: list[int] = ()) -> None:

@@ -146,3 +146,10 @@ def mark(x: int) -> str:
     if seconds:
         time.sleep(seconds)
     return f"{x}:{me}"
+
+
+def subprocess_env(x: int) -> str:
+    """The environment a subprocess of the task inherits (the C-level one, not os.environ)."""
+    import subprocess
+
+    return subprocess.run(["env"], capture_output=True, text=True, env=None).stdout
