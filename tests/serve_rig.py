@@ -19,14 +19,16 @@ TASKS = "tests.sample_tasks.serve_tasks"
 class Server:
     """`python -m executor serve ARGS` with its log in a file; `.url` once it listens."""
 
-    def __init__(self, tmp: Path, *args: str, env: dict | None = None, stdio: bool = False):
+    def __init__(self, tmp: Path, *args: str, env: dict | None = None, stdio: bool = False, python: str | None = None,
+                 base_env: dict | None = None):
         self.tmp = tmp
         self.log_path = tmp / f"serve-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")
-        argv = [sys.executable, "-m", "executor", "serve", *(["--stdio"] if stdio else ["--listen", "127.0.0.1:0"]),
+        argv = [python or sys.executable, "-m", "executor", "serve", *(["--stdio"] if stdio else ["--listen", "127.0.0.1:0"]),
                 "--work-dir", str(tmp / "serve-work"), *args]
         self.proc = subprocess.Popen(
-            argv, env=env_with({"EXECUTOR_RETRY_BASE_DELAY": "0.05", **(env or {})}), cwd=str(REPO),
+            argv, env={**(base_env if base_env is not None else env_with()), "EXECUTOR_RETRY_BASE_DELAY": "0.05", **(env or {})},
+            cwd=str(REPO),
             stdin=subprocess.PIPE if stdio else subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdio else self._log, stderr=self._log, text=True,
         )

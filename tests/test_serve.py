@@ -168,6 +168,22 @@ def test_each_invocation_sees_only_its_own_env(server, tmp_path):
         assert seen["OVERRIDDEN"] == ("request" if i == 0 else "<unset>")
 
 
+def test_map_task_elements_follow_each_invocations_env(server, tmp_path):
+    from tests.helpers import DEFAULT_RESOLVER, MAP_RESOLVER, write_inputs
+
+    s = server("--concurrency", "3")
+    inputs = write_inputs(tmp_path / "map-inputs.pb", {"values": [10, 20, 30], "factor": 2}, {"values": list[int], "factor": int})
+    for i in range(3):
+        prefix = tmp_path / f"map-{i}" / "out"
+        argv = ["pyflyte-map-execute", "--inputs", str(inputs), "--output-prefix", str(prefix), "--resolver", MAP_RESOLVER,
+                "--", "vars", "factor", "resolver", DEFAULT_RESOLVER, "task-module", TASKS, "task-name", "pick"]
+        env = {"BATCH_JOB_ARRAY_INDEX_VAR_NAME": "FLYTE_K8S_ARRAY_INDEX", "FLYTE_K8S_ARRAY_INDEX": str(i)}
+        assert s.post({"id": f"map-{i}", "argv": argv, "env": env, **({"isolation": "inprocess"} if i == 1 else {})})[0] == 202
+    for i in range(3):
+        assert s.wait_done(f"map-{i}")["result"]["outcome"] == "success"
+    assert [output_value(tmp_path, f"map-{i}") for i in range(3)] == [20, 40, 60]
+
+
 def test_module_state_never_leaks_between_isolated_invocations(server, tmp_path):
     s = server("--concurrency", "1")
     counts = [s.run(invocation(tmp_path, f"fork-{i}", "count_calls", {"x": i})) and output_value(tmp_path, f"fork-{i}")
@@ -527,3 +543,34 @@ def test_usage_errors_of_serve_itself_exit_2(tmp_path):
 
 
 _ = (pyflyte_execute_args, TASKS, time)
+
+
+# --- flytekit tasks, warm -------------------------------------------------------------------------
+
+
+@pytest.mark.oracle
+def test_flytekit_task_warm_matches_its_one_shot_run(tmp_path, flytekit_oracle):
+    s = Server(tmp_path, "--concurrency", "2", python=flytekit_oracle.python, base_env=flytekit_oracle.env())
+    try:
+        secret = security_pb2.Secret(group="api", key="token")
+        template = ["--task-template", str(_template(tmp_path / "t.pb", secrets=[secret]))]
+        env = {"_FSEC_API_TOKEN": SECRET}
+        for name in ("warm-fork", "warm-inprocess", "cold"):
+            body = invocation(tmp_path, name, "secret_length", {"x": 2}, module="tests.sample_tasks.fk_runtime",
+                              env=env, extra=template, isolation=name.split("-")[-1] if "warm" in name else None)
+            if name == "cold":
+                proc = subprocess.run([flytekit_oracle.python, "-m", "executor", *body["argv"]], cwd=str(REPO),
+                                      env=flytekit_oracle.env(env), capture_output=True, text=True, timeout=300)
+                assert proc.returncode == 0, proc.stderr
+            else:
+                record = s.run(body, timeout=300)
+                assert record["result"]["outcome"] == "success", record
+                assert record["result"]["task"].endswith("(flytekit task)")
+        cold = (tmp_path / "cold" / "out" / "outputs.pb").read_bytes()
+        for name in ("warm-fork", "warm-inprocess"):
+            assert (tmp_path / name / "out" / "outputs.pb").read_bytes() == cold
+        assert output_value(tmp_path, "cold") == len(SECRET) + 2
+        assert s.stop() == 0
+        assert "flytekit task sees [redacted]" in s.log() and SECRET not in s.log()
+    finally:
+        s.kill()

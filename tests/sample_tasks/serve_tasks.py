@@ -153,3 +153,8 @@ def subprocess_env(x: int) -> str:
     import subprocess
 
     return subprocess.run(["env"], capture_output=True, text=True, env=None).stdout
+
+
+def pick(values: int, factor: int) -> int:
+    """A map task's element function: `values` is one element of the mapped list."""
+    return values * factor
