@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
-import pickle
 import shutil
 import signal
 import sys
@@ -34,7 +33,9 @@ import time
 from executor import execute, logs, watch
 from executor.errors import Diagnostics, TaskFailure
 from executor.serve import isolation
+from executor.serve import runner as runner_module
 from executor.serve.channel import Channel, Closed
+from executor.serve.runner import Runner
 
 SIGNALS = {
     signal.SIGCHLD: "wake the loop and reap: attempt children, runners, and (as a subreaper) orphans of tasks",
@@ -80,33 +81,6 @@ class Job:
     @property
     def checkpoint_local(self) -> str:
         return os.path.join(self.root, "checkpoint")
-
-
-class Runner:
-    """A child of the fork server that runs attempts sent to it: exactly one and then exits (isolation
-    "fork"; forked ahead of need as a spare when no output relay is needed), or one after another
-    (isolation "inprocess")."""
-
-    def __init__(self, proc: watch.Supervised, job_w: int, one_shot: bool):
-        self.proc = proc
-        self.job_w = job_w
-        self.one_shot = one_shot
-        self.served = 0
-        self.rss = 0
-
-    @property
-    def retiring(self) -> bool:
-        return self.job_w < 0
-
-    def send(self, message: dict) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        os.write(self.job_w, len(data).to_bytes(4, "big") + data)  # blocking; the runner reads promptly
-
-    def retire(self) -> None:
-        """It exits at the end of its input."""
-        if self.job_w >= 0:
-            os.close(self.job_w)
-            self.job_w = -1
 
 
 class ForkServer:
@@ -374,10 +348,15 @@ class ForkServer:
             runner = self._fork_runner(one_shot=True, relay=True)
         else:
             runner = self._take_spare() or self._fork_runner(one_shot=True, relay=False)
+        message = {"view": job.view, "invocation": job.invocation, "attempt_no": job.attempt_no,
+                   "prev_checkpoint": job.prev_checkpoint, "checkpoint_local": job.checkpoint_local}
+        try:
+            runner.send(message)
+        except OSError:  # it died before its reaping was noticed: a fresh one made for this attempt
+            runner = self._fork_runner(one_shot=runner.one_shot, relay=True)
+            runner.send(message)
         job.runner = runner
         self.template = job.invocation
-        runner.send({"view": job.view, "invocation": job.invocation, "attempt_no": job.attempt_no,
-                     "prev_checkpoint": job.prev_checkpoint, "checkpoint_local": job.checkpoint_local})
         proc = runner.proc
         self.busy[proc.pid] = job
         # The attempt is over with its report: a child's exit is reaped later, off the invocation's path.
@@ -486,7 +465,7 @@ class ForkServer:
         _remove_tree(job.root)
         del self.jobs[job.id]
 
-    # --- in-process runners ------------------------------------------------------------------------
+    # --- runners ----------------------------------------------------------------------------------
 
     def _take_spare(self) -> Runner | None:
         while self.spares:
@@ -503,40 +482,11 @@ class ForkServer:
             self.spares.append(self._fork_runner(one_shot=True, relay=False, rehearse=self.template))
 
     def _fork_runner(self, one_shot: bool, relay: bool, rehearse=None) -> Runner:
-        pipes = watch.Pipes(relay=relay)
-        job_r, job_w = os.pipe()
-        close = self._own_fds() + [job_w]
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 70
-            try:
-                reporter = pipes.child_side()
-                isolation.die_with_parent()
-                for fd in close:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
-                self._forget_everything_but(None)
-                if rehearse is not None:
-                    _rehearse(rehearse, self.work_dir)
-                _runner_loop(job_r, reporter, one_shot)
-                code = 0
-            except BaseException as e:
-                watch.report_crash(pipes.report_w, e)
-            finally:
-                try:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                finally:
-                    os._exit(code)
-        os.close(job_r)
-        proc = pipes.parent_side(pid)
-        runner = Runner(proc, job_w, one_shot)
-        self.procs[pid] = proc
-        self.runners[pid] = runner
+        runner = runner_module.fork(one_shot=one_shot, relay=relay, close=self._own_fds(),
+                                    forget=lambda: self._forget_everything_but(None),
+                                    rehearse=rehearse, scratch_dir=self.work_dir)
+        self.procs[runner.proc.pid] = runner.proc
+        self.runners[runner.proc.pid] = runner
         return runner
 
     # --- bookkeeping -------------------------------------------------------------------------------
@@ -591,56 +541,6 @@ def _preload(invocation) -> None:
         runnable.output_literal_types()
 
 
-def _rehearse(invocation, scratch_dir: str) -> None:
-    """In a spare child, before it has an invocation: walk the code an attempt walks (load the task,
-    a phase, protobuf and the literal types, an atomic write, a report line) so that its copy-on-write
-    page faults are paid now rather than on an invocation's time. Nothing of the task itself runs."""
-    try:
-        import json
-
-        from executor import loader, storage
-        from flyteidl.core import literals_pb2
-
-        with execute.phase("load", Diagnostics()):
-            runnable = loader.load(invocation)
-        if hasattr(runnable, "output_literal_types"):
-            runnable.output_literal_types()
-        literals_pb2.LiteralMap.FromString(literals_pb2.LiteralMap().SerializeToString())
-        path = os.path.join(scratch_dir, f".rehearsal-{os.getpid()}")
-        storage.write_bytes(path, b"rehearsal")
-        storage.read_bytes(path)
-        os.unlink(path)
-        json.dumps({"done": "success", "written": [path], "failure": None})
-        f"{time.monotonic()!r} {0.0!r}".encode()
-    except BaseException:  # a rehearsal never fails the spare
-        pass
-
-
-def _runner_loop(job_r: int, reporter: watch.Reporter, one_shot: bool) -> None:
-    """A runner: one attempt (one_shot), or attempt after attempt in this process, each with its own view."""
-    base_path, base_cwd = list(sys.path), os.getcwd()
-    while True:
-        message = _read_frame(job_r)
-        if message is None:
-            return
-        view: isolation.View = message["view"]
-        isolation.enter(view)
-        extra = None if one_shot else (lambda: {"rss": isolation.current_rss(), "peak_rss": isolation.current_rss()})
-        try:
-            watch.run_reported_attempt(
-                reporter, message["invocation"], attempt_no=message["attempt_no"],
-                prev_checkpoint=message["prev_checkpoint"], checkpoint_local=message["checkpoint_local"], extra=extra,
-            )
-        finally:
-            if not one_shot:
-                sys.path[:] = base_path
-                os.chdir(base_cwd)
-                logs._context = {}
-                execute.phase_listener = None
-        if one_shot:
-            return
-
-
 def _remove_tree(root: str) -> None:
     """An invocation's directories: usually empty, so three rmdirs; else the whole tree."""
     try:
@@ -648,24 +548,6 @@ def _remove_tree(root: str) -> None:
             os.rmdir(os.path.join(root, sub) if sub else root)
     except OSError:
         shutil.rmtree(root, ignore_errors=True)
-
-
-def _read_frame(fd: int):
-    header = _read_exactly(fd, 4)
-    if header is None:
-        return None
-    data = _read_exactly(fd, int.from_bytes(header, "big"))
-    return None if data is None else pickle.loads(data)
-
-
-def _read_exactly(fd: int, size: int) -> bytes | None:
-    data = b""
-    while len(data) < size:
-        chunk = os.read(fd, size - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
 
 
 def _safe(name: str) -> str:
