@@ -5,7 +5,7 @@
                               process's env is swapped for the invocation's, then restored
     enter(view)               in the process that runs the task: os.environ *replaced* by the
                               invocation's (not merged), a fresh cwd and TMPDIR, only its own
-                              secrets known for redaction; the fork server's descriptors closed
+                              secrets known for redaction
 """
 from __future__ import annotations
 
@@ -65,13 +65,8 @@ def environment(env: dict[str, str], tmpdir: str | None = None):
                     os.unsetenv(key)
 
 
-def enter(view: View, close_fds: list[int] = ()) -> None:
+def enter(view: View) -> None:
     """In the process about to run the invocation's attempt."""
-    for fd in close_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
     _replace_environ(view.env)
     os.chdir(view.cwd)
     tempfile.tempdir = view.tmpdir
