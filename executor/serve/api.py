@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -39,8 +40,8 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms delayed-ACK stall
     core: Server  # set on the subclass made by http_server()
 
-    def log_message(self, format, *args):  # noqa: A002 - http.server's signature
-        logs.debug("http", request=self.requestline, detail=format % args)
+    def log_message(self, format, *args):  # noqa: A002 - http.server's signature (its errors only, now)
+        logs.debug("http", detail=format % args)
 
     # --- routing -----------------------------------------------------------------------------------
 
@@ -124,13 +125,28 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, text.encode(), content_type)
 
     def _send(self, status: int, data: bytes, content_type: str, headers: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
+        # One write for the whole response (send_response & co. cost more than the request's work).
+        lines = [f"{self.protocol_version} {status} {self.responses.get(status, ('',))[0]}",
+                 f"Server: {self.server_version}", f"Date: {_http_date()}",
+                 f"Content-Type: {content_type}", f"Content-Length: {len(data)}"]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        if self.close_connection:
+            lines.append("Connection: close")
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data)
+        logs.debug("http", request=self.requestline, status=status)
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        from email.utils import formatdate
+
+        _date_cache = (now, formatdate(now, usegmt=True))
+    return _date_cache[1]
 
 
 class _HTTPServer(ThreadingHTTPServer):
