@@ -39,12 +39,14 @@ DRAIN_AFTER_EXIT = 2.0  # after the process is gone, how long its pipes may stil
 _NEVER = float("inf")
 
 
-@dataclasses.dataclass
 class ChildOutcome:
-    attempt: execute.Attempt
-    peak_rss_bytes: int = 0
-    timed_out: bool = False
-    stopped: bool = False
+    """What a watched attempt came to (a plain class: the cold start pays for every dataclass)."""
+
+    def __init__(self, attempt: execute.Attempt, peak_rss_bytes: int = 0, timed_out: bool = False, stopped: bool = False):
+        self.attempt = attempt
+        self.peak_rss_bytes = peak_rss_bytes
+        self.timed_out = timed_out
+        self.stopped = stopped
 
 
 # --- the supervised process --------------------------------------------------------------------
