@@ -535,6 +535,16 @@ def test_the_one_shot_path_never_imports_serve(tmp_path):
     assert output_value(tmp_path, "cold") == 2
 
 
+def test_serve_help_lists_every_setting_with_its_env_var():
+    from executor.serve.settings import SETTINGS
+
+    proc = subprocess.run([sys.executable, "-m", "executor", "serve", "--help"], env=env_with(), cwd=str(REPO),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for setting in SETTINGS:
+        assert setting.flag in proc.stdout and setting.env in " ".join(proc.stdout.split()), setting.name
+
+
 def test_usage_errors_of_serve_itself_exit_2(tmp_path):
     for args in (["--listen", "nowhere"], ["--isolation", "none"], ["--bogus"]):
         proc = subprocess.run([sys.executable, "-m", "executor", "serve", *args], env=env_with(), cwd=str(REPO),
