@@ -306,10 +306,11 @@ class _Supervisor:
             failure.traceback_text = stacks
             return failure
         if self.stop_requested is not None:
+            kind = "an interruptible (spot) task, preempted as expected" if self.spec.interruptible else "eviction or preemption"
             return TaskFailure(
                 "PREEMPTED",
                 f"the pod was asked to stop ({signal.Signals(self.stop_requested).name}) while the task was in phase {phase}",
-                hint="eviction or spot preemption; the backend retries this attempt",
+                hint=f"{kind}; the backend retries this attempt, and a saved checkpoint lets it resume",
             )
         signum = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
         oom_after = _oom_kills()
