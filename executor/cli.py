@@ -177,6 +177,10 @@ in the same process. See docs/bundles.md.
 """
 
 
+def _argv_text(argv: list[str]) -> str:
+    return "[" + ", ".join('"' + a.replace("\\", "\\\\").replace('"', '\\"') + '"' for a in argv) + "]"
+
+
 def _bundle_command(argv: list[str]) -> int:
     if len(argv) != 3 or argv[0] != "build":
         sys.stderr.write("usage: executor bundle build SRC_DIR OUT_DIR\n")
@@ -227,8 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(_HELP)
         return 0 if argv else USAGE_EXIT
     command, rest = argv[0], argv[1:]
-    if command.startswith("pyflyte-"):
+    if command.startswith("pyflyte-") or command == "a0":
         import gc
+
+        from executor import logs
+
+        # Pod logs keep exactly what ran: `executor replay --argv-file` takes this list back.
+        logs.info("starting", argv=_argv_text(argv))
 
         # Imports (the task module, an SDK) allocate heavily and no cycle is garbage yet:
         # collecting during them is wasted time. Re-enabled before user code runs (execute.py).

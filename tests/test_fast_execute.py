@@ -293,3 +293,15 @@ def test_bundle_built_by_flytekit_fast_package(tmp_path, flytekit_oracle, inputs
     run = _run(_fast_args(str(fk_bundle), inputs, tmp_path / "o", tmp_path / "root"), tmp_path / "cache")
     assert run.returncode == 0, run.stderr
     assert _o0(tmp_path / "o") == 42 and 'verified="name digest"' in run.stderr
+
+
+def test_unwritable_cache_falls_back_to_a_private_one(tmp_path, inputs):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory should be")
+    bundle = _bundle(tmp_path)
+    run = _run(_fast_args(str(bundle), inputs, tmp_path / "o", tmp_path / "root"), blocker / "cache",
+               env={"TMPDIR": str(tmp_path / "tmp")})
+    assert run.returncode == 0, run.stderr
+    assert _o0(tmp_path / "o") == 42
+    assert "bundle cache is not writable" in run.stderr and "chown" in run.stderr
+    assert list((tmp_path / "tmp").glob("executor-bundles-*/entries/*.complete"))

@@ -59,8 +59,25 @@ class BundleCache:
     def __init__(self, root: str | None = None, max_bytes: int | None = None):
         self.root = os.path.abspath(root or default_cache_dir())
         self.max_bytes = max_bytes if max_bytes is not None else int(os.environ.get("EXECUTOR_CACHE_MAX_BYTES", 10 << 30))
+        try:
+            self._make_dirs()
+        except OSError as e:
+            # A fresh hostPath is often root-owned while the task runs as a user: run, but say why it is slow.
+            fallback = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"executor-bundles-{os.getuid()}")
+            logs.warning(
+                "bundle cache is not writable; using a private cache for this pod",
+                cache=self.root, reason=e.strerror or str(e), fallback=fallback,
+                hint="make the hostPath writable by the task's uid (an init container can chown it)",
+            )
+            self.root = fallback
+            self._make_dirs()
+
+    def _make_dirs(self) -> None:
         for sub in ("entries", "locks", "staging", "downloads"):
-            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+            path = os.path.join(self.root, sub)
+            os.makedirs(path, exist_ok=True)
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied", path)
 
     def _entry(self, key: str) -> str:
         return os.path.join(self.root, "entries", key)
