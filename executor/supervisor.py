@@ -31,6 +31,7 @@ __doc__ += "\n".join(f"    {signal.Signals(s).name:<8} {what}" for s, what in SI
 # Failures worth another attempt in the same container. TIMEOUT, OOM and PREEMPTED are
 # recoverable for the backend (a new pod may fare better) but not here.
 INPLACE_RETRYABLE = {"USER", "SYSTEM", "OUTPUT_UPLOAD", "BUNDLE_FETCH"}
+LOST = -1  # the child's exit status could not be collected
 CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT}
 
 
@@ -312,6 +313,9 @@ class _Supervisor:
                 f"the pod was asked to stop ({signal.Signals(self.stop_requested).name}) while the task was in phase {phase}",
                 hint=f"{kind}; the backend retries this attempt, and a saved checkpoint lets it resume",
             )
+        if status == LOST:
+            return TaskFailure("SYSTEM", f"the task process ended in phase {phase} without reporting, and its exit "
+                                         "status was collected by another process (is SIGCHLD ignored?)")
         signum = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
         oom_after = _oom_kills()
         if signum == signal.SIGKILL or (oom_before is not None and oom_after is not None and oom_after > oom_before):
@@ -340,7 +344,7 @@ class _Supervisor:
             try:
                 got, status, rusage = os.wait4(-1 if self.reaps_all else pid, os.WNOHANG)
             except ChildProcessError:
-                return 0, None
+                return LOST, None  # someone else reaped it (SIGCHLD ignored by a parent?): status unknown
             if got == 0:
                 return None, None
             if got == pid:

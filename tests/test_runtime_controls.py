@@ -67,6 +67,8 @@ class Pod:
         return doc.error
 
     def output(self) -> literals_pb2.Literal:
+        if not (self.prefix / "outputs.pb").exists() and (self.prefix / "error.pb").exists():
+            raise AssertionError(f"the task failed:\n{self.error().message}")
         m = literals_pb2.LiteralMap()
         m.ParseFromString((self.prefix / "outputs.pb").read_bytes())
         return m.literals["o0"]
