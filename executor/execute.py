@@ -139,8 +139,9 @@ def _fail_on_error() -> bool:
 
 def _report_failure(failure: TaskFailure, invocation: Invocation, task: str, diagnostics: Diagnostics) -> Result:
     diagnostics.peak_rss_bytes = peak_rss_bytes()
-    message = logs.redact(render_message(failure, task, diagnostics))
     protocol = for_invocation(invocation)
+    failure = protocol.classify(failure)
+    message = logs.redact(render_message(failure, task, diagnostics))
     document = protocol.error_document(failure, message)
     logs.error("task failed", code=failure.code, phase=failure.phase or "-", task=task)
     sys.stderr.write(message + "\n")
