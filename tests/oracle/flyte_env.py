@@ -1,7 +1,8 @@
 """pytest plugin: a throwaway venv with flyte 2.12.1 (the Flyte 2 oracle).
 
 The venv lives at ``<repo>/.cache/oracle/flyte-2.12.1`` and is made once: flyte and this repo
-(editable, so ``python -m executor`` runs against the working tree) are installed in ONE pip
+(editable with its s3 extra, so ``python -m executor`` runs against the working tree and reaches
+S3 as an image built with ``executor[s3]`` would) are installed in ONE pip
 resolver pass, so our executor's dependencies and flyte's have to agree. A marker file written last
 says the venv is complete and for which pyproject.toml; anything else is wiped and rebuilt. If pip
 fails the fixture fails: oracle tests never skip silently.
@@ -38,7 +39,7 @@ def _say(msg: str) -> None:
 
 def _spec() -> str:
     pyproject = (REPO_ROOT / "pyproject.toml").read_bytes()
-    return f"flyte=={FLYTE_VERSION}\npyproject-sha256={hashlib.sha256(pyproject).hexdigest()}\n"
+    return f"flyte=={FLYTE_VERSION}\nexecutor[s3]\npyproject-sha256={hashlib.sha256(pyproject).hexdigest()}\n"
 
 
 def ensure_venv() -> Path:
@@ -58,7 +59,7 @@ def ensure_venv() -> Path:
             steps = [
                 [sys.executable, "-m", "venv", str(venv)],
                 [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
-                 f"flyte=={FLYTE_VERSION}", "-e", str(REPO_ROOT)],
+                 f"flyte=={FLYTE_VERSION}", "-e", f"{REPO_ROOT}[s3]"],
             ]
             for cmd in steps:
                 _say("running " + " ".join(cmd))
