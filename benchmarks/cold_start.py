@@ -8,6 +8,10 @@ One add-two-ints task, the same inputs.pb bytes, three contenders:
   ours-fk-task  <flytekit venv>/bin/python -m executor pyflyte-execute ... task-name add_fk
                 (a @flytekit.task, run by us through flytekit's machinery)
   flytekit      <flytekit venv>/bin/pyflyte-execute ... task-name add_fk
+and, unless --no-a0, the same task as a Flyte 2 action, with flyte 2's argv and pod env:
+  ours-plain-a0 <dev venv>/bin/python -m executor a0 ... instance add_plain   (no SDK)
+  ours-f2-task  <flyte venv>/bin/python -m executor a0 ... instance add_f2     (a flyte 2 task)
+  a0            <flyte venv>/bin/a0 ... instance add_f2
 each on a local directory and on a moto S3 server on loopback. Every run is one fresh process with
 a fresh output prefix; a run counts only if it wrote outputs.pb with o0 == a + b. Wall time is
 measured around posix_spawn -> wait4, peak RSS is the child's ru_maxrss from os.wait4, both taken
@@ -739,6 +743,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--flytekit-venv", type=Path, default=None,
                         help=f"an existing venv with flytekit {FLYTEKIT_VERSION} and this repo installed "
                              f"(default: build/reuse .cache/bench/flytekit-{FLYTEKIT_VERSION})")
+    parser.add_argument("--flyte-venv", type=Path, default=None,
+                        help=f"an existing venv with flyte {FLYTE_VERSION} and this repo installed "
+                             f"(default: build/reuse .cache/bench/flyte-{FLYTE_VERSION})")
     parser.add_argument("--no-a0", dest="a0", action="store_false",
                         help=f"leave out the Flyte 2 contenders (flyte {FLYTE_VERSION}'s a0 and ours under a0's argv)")
     args = parser.parse_args(argv)
@@ -757,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
     fk_venv = args.flytekit_venv or ensure_flytekit_venv()
     entrants = contenders(args.plain_python, fk_venv)
     if args.a0:
-        entrants += a0_contenders(args.plain_python, ensure_flyte_venv())
+        entrants += a0_contenders(args.plain_python, args.flyte_venv or ensure_flyte_venv())
     if has_module(args.plain_python, "flytekit"):
         _say(f"note: {args.plain_python} has flytekit installed; the plain function does not import it")
     command = "python benchmarks/cold_start.py" + (f" --runs {args.runs}" if args.runs != 10 else "") \

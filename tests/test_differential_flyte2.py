@@ -374,7 +374,8 @@ def test_pkl_bundle_built_by_flyte(flyte_oracle: FlyteOracle, tmp_path: Path):
     args = a0_args(F2_TASKS, "describe", version=version, bundle=("pkl", pkl))
     assert "--resolver" not in args
     theirs, ours = run_both(flyte_oracle, tmp_path, args, args, flyte_oracle.python, inputs,
-                            env={"EXECUTOR_BUNDLE_VERIFY": "strict"})
+                            env={"EXECUTOR_BUNDLE_VERIFY": "strict"},
+                            cwd_theirs=tmp_path / "pod-theirs", cwd_ours=tmp_path / "pod-ours")
     compare(flyte_oracle, F2_TASKS, "describe", theirs, ours, {"o0": "p=2.0", "o1": True, "o2": 5.0}, True, tmp_path)
 
 
@@ -382,13 +383,15 @@ def test_tampered_pkl_is_refused_before_unpickling(flyte_oracle: FlyteOracle, tm
     """A pickle whose bytes are not the launched --version: a0 unpickles (runs code from) it; ours refuses."""
     answer = flyte_oracle.tool("bundle-pkl", "--module", F2_TASKS, "--task", "add", "--out", str(tmp_path / "pkl"))
     pkl, version = Path(answer["pkl"]), answer["version"]
-    other = flyte_oracle.tool("bundle-pkl", "--module", F2_TASKS, "--task", "add_async", "--out", str(tmp_path / "other"))
+    other = flyte_oracle.tool("bundle-pkl", "--module", F2_TASKS, "--task", "sub", "--out", str(tmp_path / "other"))
     shutil.copyfile(other["pkl"], pkl)
     assert gzip.decompress(pkl.read_bytes())  # still a perfectly loadable pickle, just not the launched one
     inputs = write_inputs(flyte_oracle, tmp_path, F2_TASKS, "add", {"a": 1, "b": 2})
     args = a0_args(F2_TASKS, "add", version=version, bundle=("pkl", str(pkl)))
-    theirs, ours = run_both(flyte_oracle, tmp_path, args, args, flyte_oracle.python, inputs)
-    assert_succeeded(theirs)  # a0 ran the substituted task
+    theirs, ours = run_both(flyte_oracle, tmp_path, args, args, flyte_oracle.python, inputs,
+                            cwd_theirs=tmp_path / "pod-theirs", cwd_ours=tmp_path / "pod-ours")
+    assert_succeeded(theirs)
+    assert theirs.outputs().literals[0].value.scalar.primitive.integer == -1  # a0 ran the substituted task
     assert ours.files() == ["error.pb"] and ours.proc.returncode == 0, ours.describe()
     err = ours.error()
     assert err.code == "BUNDLE_INTEGRITY" and f"--version says {version}" in err.message
@@ -521,3 +524,21 @@ def test_failed_output_upload_on_s3(flyte_oracle: FlyteOracle, moto_s3, fault_pr
     assert (err.code, err.kind, err.origin) == ("OUTPUT_UPLOAD", execution_pb2.ContainerError.RECOVERABLE,
                                                 execution_pb2.ExecutionError.SYSTEM)
     assert "outputs.pb" in err.message and "phase: upload" in err.message
+
+
+def test_a0_reuses_a_stale_pickle_by_file_name(flyte_oracle: FlyteOracle, tmp_path: Path):
+    """A warm pod (same working directory) gets a new action whose pickle has the same file name:
+    a0 finds its marker and runs the previous action's task; ours fetches and verifies the new one."""
+    first = flyte_oracle.tool("bundle-pkl", "--module", F2_TASKS, "--task", "add", "--out", str(tmp_path / "v1"))
+    second = flyte_oracle.tool("bundle-pkl", "--module", F2_TASKS, "--task", "sub", "--out", str(tmp_path / "v2"))
+    assert Path(first["pkl"]).name == Path(second["pkl"]).name and first["version"] != second["version"]
+    inputs = write_inputs(flyte_oracle, tmp_path, F2_TASKS, "add", {"a": 1, "b": 2})
+    pods = {"cwd_theirs": tmp_path / "pod-theirs", "cwd_ours": tmp_path / "pod-ours"}
+    for n, bundle in enumerate((first, second)):
+        args = a0_args(F2_TASKS, "add", version=bundle["version"], bundle=("pkl", bundle["pkl"]))
+        theirs, ours = run_both(flyte_oracle, tmp_path / f"action-{n}", args, args, flyte_oracle.python, inputs,
+                                env={"EXECUTOR_CACHE_DIR": str(tmp_path / "cache")}, **pods)
+        for run in (theirs, ours):
+            assert_succeeded(run)
+    assert theirs.outputs().literals[0].value.scalar.primitive.integer == 3, "a0 ran the new pickle after all"
+    assert ours.outputs().literals[0].value.scalar.primitive.integer == -1

@@ -23,6 +23,12 @@ def add(a: int, b: int) -> int:
 
 
 @env.task
+def sub(a: int, b: int) -> int:
+    """Same interface as add: the substitute in the tampered-pickle test."""
+    return a - b
+
+
+@env.task
 async def add_async(a: int, b: int) -> int:
     return a + b
 
