@@ -489,6 +489,8 @@ class Runner:
         if python_flags:
             command[1:1] = python_flags
         if contender.protocol == "flyte2":
+            if storage.name == "local":
+                Path(files.prefix, "out").mkdir(parents=True, exist_ok=True)  # a0 cannot create it (ours can)
             argv = command + a0_args(self.inputs_uri[storage_name], files.prefix, contender.task)
             env = child_env({**storage.env, **A0_POD_ENV})
         else:
