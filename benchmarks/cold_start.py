@@ -8,6 +8,10 @@ One add-two-ints task, the same inputs.pb bytes, three contenders:
   ours-fk-task  <flytekit venv>/bin/python -m executor pyflyte-execute ... task-name add_fk
                 (a @flytekit.task, run by us through flytekit's machinery)
   flytekit      <flytekit venv>/bin/pyflyte-execute ... task-name add_fk
+and, unless --no-a0, the same task as a Flyte 2 action, with flyte 2's argv and pod env:
+  ours-plain-a0 <dev venv>/bin/python -m executor a0 ... instance add_plain   (no SDK)
+  ours-f2-task  <flyte venv>/bin/python -m executor a0 ... instance add_f2     (a flyte 2 task)
+  a0            <flyte venv>/bin/a0 ... instance add_f2
 each on a local directory and on a moto S3 server on loopback. Every run is one fresh process with
 a fresh output prefix; a run counts only if it wrote outputs.pb with o0 == a + b. Wall time is
 measured around posix_spawn -> wait4, peak RSS is the child's ru_maxrss from os.wait4, both taken
@@ -69,6 +73,7 @@ class Contender:
     label: str
     command: tuple[str, ...]  # everything before pyflyte-execute's own flags
     task: str
+    protocol: str = "flyte1"  # "flyte2": the command takes a0's flags (see a0_args)
 
 
 @dataclass(frozen=True)
@@ -294,6 +299,78 @@ def entrypoint_args(inputs_uri: str, prefix: str, task: str) -> list[str]:
     ]
 
 
+# ------------------------------------------------------------------------------------ Flyte 2 (a0)
+# The same add-two-ints task as a Flyte 2 action: flyte's real `a0` against ours. The inputs.pb bytes
+# serve both protocols (a flyteidl LiteralMap is on the wire a flyteidl2 Inputs), and so does
+# verify(): a flyteidl2 Outputs parses as a LiteralMap.
+
+FLYTE_VERSION = "2.12.1"
+A0_RESOLVER = "flyte._internal.resolvers.default.DefaultTaskResolver"
+A0_POD_ENV = {"_U_RUN_BASE": "/tmp/cold-start-run-base", "_U_ORG_NAME": "org", "RUN_NAME": "run",
+              "ACTION_NAME": "a0", "FLYTE_INTERNAL_EXECUTION_PROJECT": "proj", "FLYTE_INTERNAL_EXECUTION_DOMAIN": "dev"}
+
+
+def ensure_flyte_venv() -> Path:
+    """<repo>/.cache/bench/flyte-X: flyte and this repo (editable, with s3fs) in one resolver pass."""
+    root = REPO / ".cache" / "bench"
+    venv = root / f"flyte-{FLYTE_VERSION}"
+    marker = venv / ".bench-complete"
+    spec = _spec().replace(f"flytekit=={FLYTEKIT_VERSION}", f"flyte=={FLYTE_VERSION}")
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"flyte-{FLYTE_VERSION}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.is_file() and marker.read_text() == spec and (venv / "bin" / "a0").exists():
+            return venv
+        if venv.exists():
+            shutil.rmtree(venv)
+        log = root / f"flyte-{FLYTE_VERSION}.log"
+        _say(f"building {venv} (one-off, a minute or two; log: {log})")
+        with open(log, "w") as out:
+            for cmd in ([sys.executable, "-m", "venv", str(venv)],
+                        [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
+                         f"flyte=={FLYTE_VERSION}", "-e", f"{REPO}[s3]"]):
+                if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(repo_importable=False)).returncode:
+                    raise SystemExit(f"building the flyte venv failed: {' '.join(cmd)}\n{log.read_text()[-3000:]}")
+        marker.write_text(spec)
+        return venv
+
+
+def a0_args(inputs_uri: str, prefix: str, task: str) -> list[str]:
+    """flyte 2's container args for the task (RuntimeTaskTemplate.container_args), rendered."""
+    return [
+        "--inputs", inputs_uri, "--outputs-path", f"{prefix}/out", "--version", "bench",
+        "--raw-data-path", f"{prefix}/raw", "--checkpoint-path", f"{prefix}/ckpt", "--prev-checkpoint", "",
+        "--run-name", "run", "--name", "a0", "--run-start-time", "2026-01-01T00:00:00Z",
+        "--resolver", A0_RESOLVER, "mod", TASK_MODULE, "instance", task,
+    ]
+
+
+def a0_contenders(plain_python: str, flyte_venv: Path) -> list[Contender]:
+    f2_python = str(flyte_venv / "bin" / "python")
+    return [
+        Contender("ours-plain-a0", "ours a0, plain function", (plain_python, "-m", "executor", "a0"), "add_plain", "flyte2"),
+        Contender("ours-f2-task", "ours a0, flyte 2 task", (f2_python, "-m", "executor", "a0"), "add_f2", "flyte2"),
+        Contender("a0", "flyte a0", (str(flyte_venv / "bin" / "a0"),), "add_f2", "flyte2"),
+    ]
+
+
+def a0_verdicts(cells: dict[tuple[str, str], Cell], storages: list[str]) -> list["Verdict"]:
+    out = []
+
+    def compare(target: str, key: str, storage: str, limit: float) -> "Verdict":
+        if (key, storage) not in cells or ("a0", storage) not in cells:
+            return Verdict(target, f"{storage} storage or a0 not measured", None)
+        ours, theirs = cells[(key, storage)].wall_median, cells[("a0", storage)].wall_median
+        if ours is None or theirs is None:
+            return Verdict(target, "a contender had no successful run", None)
+        return Verdict(target, f"{ours / theirs:.3f}× (limit {limit:g}×)", ours / theirs <= limit)
+
+    out.append(compare("plain function under a0's argv wall ≤ 1/5 of a0's (local)", "ours-plain-a0", "local", 0.2))
+    for storage in storages:
+        out.append(compare(f"flyte 2 task through ours no slower than a0 ({storage})", "ours-f2-task", storage, 1.0))
+    return out
+
+
 # Peak RSS needs care: Linux charges a child, at exec, the high-water RSS of the address space it
 # was forked (or vforked) from. Spawned straight from this process (which holds boto3 and a moto
 # server) every contender would "peak" at our size. So every measured process is started by a tiny
@@ -411,8 +488,15 @@ class Runner:
         command = list(contender.command)
         if python_flags:
             command[1:1] = python_flags
-        argv = command + entrypoint_args(self.inputs_uri[storage_name], files.prefix, contender.task)
-        wall, rss, code = self.spawner.run(argv, child_env(storage.env), files.stdout, files.stderr)
+        if contender.protocol == "flyte2":
+            if storage.name == "local":
+                Path(files.prefix, "out").mkdir(parents=True, exist_ok=True)  # a0 cannot create it (ours can)
+            argv = command + a0_args(self.inputs_uri[storage_name], files.prefix, contender.task)
+            env = child_env({**storage.env, **A0_POD_ENV})
+        else:
+            argv = command + entrypoint_args(self.inputs_uri[storage_name], files.prefix, contender.task)
+            env = child_env(storage.env)
+        wall, rss, code = self.spawner.run(argv, env, files.stdout, files.stderr)
         problem = verify(storage, files, code)
         return Sample(contender.key, storage_name, wall, rss, ok=not problem, problem=problem), files
 
@@ -661,6 +745,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--flytekit-venv", type=Path, default=None,
                         help=f"an existing venv with flytekit {FLYTEKIT_VERSION} and this repo installed "
                              f"(default: build/reuse .cache/bench/flytekit-{FLYTEKIT_VERSION})")
+    parser.add_argument("--flyte-venv", type=Path, default=None,
+                        help=f"an existing venv with flyte {FLYTE_VERSION} and this repo installed "
+                             f"(default: build/reuse .cache/bench/flyte-{FLYTE_VERSION})")
+    parser.add_argument("--no-a0", dest="a0", action="store_false",
+                        help=f"leave out the Flyte 2 contenders (flyte {FLYTE_VERSION}'s a0 and ours under a0's argv)")
     args = parser.parse_args(argv)
     args.plain_python = os.path.abspath(args.plain_python)  # posix_spawn does not search PATH
     args.storages = [s.strip() for s in args.storage.split(",") if s.strip()]
@@ -676,6 +765,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     fk_venv = args.flytekit_venv or ensure_flytekit_venv()
     entrants = contenders(args.plain_python, fk_venv)
+    if args.a0:
+        entrants += a0_contenders(args.plain_python, args.flyte_venv or ensure_flyte_venv())
     if has_module(args.plain_python, "flytekit"):
         _say(f"note: {args.plain_python} has flytekit installed; the plain function does not import it")
     command = "python benchmarks/cold_start.py" + (f" --runs {args.runs}" if args.runs != 10 else "") \
@@ -695,6 +786,8 @@ def main(argv: list[str] | None = None) -> int:
 
     table = render_table(cells, entrants, args.storages)
     verdict_lines = [v.line() for v in verdicts(cells, args.storages)]
+    if args.a0:
+        verdict_lines += [v.line() for v in a0_verdicts(cells, args.storages)]
     imports = import_summary(costs) + (f"\n(that run FAILED: {import_problem.splitlines()[0]})" if import_problem else "")
     report = "\n".join([
         table, "", floor, "",
