@@ -411,6 +411,25 @@ def _options(protocol: str) -> dict:
     return {}
 
 
+# The implementations our options and error handling are written for. fsspec's registry is not
+# used for these: flyte 2 re-registers s3/gs/abfs with its own obstore filesystems when imported.
+_IMPLEMENTATIONS = {
+    "s3": ("s3fs", "S3FileSystem"), "s3a": ("s3fs", "S3FileSystem"),
+    "gs": ("gcsfs", "GCSFileSystem"), "gcs": ("gcsfs", "GCSFileSystem"),
+}
+
+
+def _filesystem_class(protocol: str):
+    if protocol in _IMPLEMENTATIONS:
+        import importlib
+
+        module, name = _IMPLEMENTATIONS[protocol]
+        return getattr(importlib.import_module(module), name)
+    import fsspec
+
+    return fsspec.get_filesystem_class(protocol)
+
+
 def _filesystem(uri: str):
     global _filesystems_pid
     if _filesystems_pid != os.getpid():
@@ -423,9 +442,7 @@ def _filesystem(uri: str):
     fs = _filesystems.get(key)
     if fs is None:
         try:
-            import fsspec
-
-            fs = fsspec.filesystem(protocol, **options)
+            fs = _filesystem_class(protocol)(**options)
         except ImportError as e:
             hint = _MISSING_PACKAGE_HINT.get(protocol, f"install the fsspec package for '{protocol}://'")
             raise StorageError(uri, f"support for {protocol}:// is not installed ({e}); {hint}") from e
