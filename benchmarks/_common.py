@@ -1,5 +1,5 @@
 """What benchmarks/cold_start.py and benchmarks/bundle.py share: clean child environments, the
-flytekit venv, the measuring spawner, a moto S3 server, machine facts and the README sections.
+flytekit and flyte 2 venvs, the measuring spawner, a moto S3 server, machine facts and the README sections.
 
 Not a benchmark itself; both scripts put benchmarks/ on sys.path and import it as `_common`.
 """
@@ -22,6 +22,7 @@ from typing import Any, Iterator
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "benchmarks" / "README.md"
 FLYTEKIT_VERSION = "1.16.31"
+FLYTE_VERSION = "2.12.1"  # flyte 2, whose `a0` is the action entrypoint
 RUN_TIMEOUT_S = 180.0
 MIB = 2**20
 
@@ -46,32 +47,39 @@ def child_env(extra: dict[str, str] | None = None, *, repo_importable: bool = Tr
 # ------------------------------------------------------------------------------------ venvs
 
 
-def _spec() -> str:
+def _venv_spec(requirement: str, extras: str) -> str:
+    """What a bench venv's completion marker holds: a change to any of it means a rebuild."""
     pyproject = (REPO / "pyproject.toml").read_bytes()
-    return f"flytekit=={FLYTEKIT_VERSION}\npyproject-sha256={hashlib.sha256(pyproject).hexdigest()}\n"
+    extras_line = f"extras={extras}\n" if extras else ""
+    return f"{requirement}\n{extras_line}pyproject-sha256={hashlib.sha256(pyproject).hexdigest()}\n"
 
 
-def ensure_flytekit_venv(tag: str = "bench") -> Path:
-    """<repo>/.cache/bench/flytekit-X: flytekit and this repo (editable) in one resolver pass."""
+def ensure_bench_venv(name: str, requirement: str, *, extras: str = "", entry: str = "python",
+                      tag: str = "bench") -> Path:
+    """<repo>/.cache/bench/<name>: `requirement` and this repo (editable, with `extras`) installed in one
+    pip resolver pass, under a lock. Reused while its completion marker matches the requirement, the
+    extras and pyproject.toml (and bin/<entry> exists); rebuilt from scratch otherwise."""
     root = REPO / ".cache" / "bench"
-    venv = root / f"flytekit-{FLYTEKIT_VERSION}"
+    venv = root / name
     marker = venv / ".bench-complete"
+    editable = f"{REPO}[{extras}]" if extras else str(REPO)
+    spec = _venv_spec(requirement, extras)
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"flytekit-{FLYTEKIT_VERSION}.lock", "w") as lock:
+    with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if marker.is_file() and marker.read_text() == _spec() and (venv / "bin" / "python").exists():
+        if marker.is_file() and marker.read_text() == spec and (venv / "bin" / entry).exists():
             return venv
         if venv.exists():
             say(tag, f"discarding incomplete or stale {venv}")
             import shutil
 
             shutil.rmtree(venv)
-        log = root / f"flytekit-{FLYTEKIT_VERSION}.log"
+        log = root / f"{name}.log"
         say(tag, f"building {venv} (one-off, a minute or two; log: {log})")
         steps = [
             [sys.executable, "-m", "venv", str(venv)],
             [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
-             f"flytekit=={FLYTEKIT_VERSION}", "-e", str(REPO)],
+             requirement, "-e", editable],
         ]
         with open(log, "w") as out:
             for cmd in steps:
@@ -80,10 +88,21 @@ def ensure_flytekit_venv(tag: str = "bench") -> Path:
                 rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT,
                                     env=child_env(repo_importable=False)).returncode
                 if rc != 0:
-                    raise SystemExit(f"building the flytekit venv failed (exit {rc}): {' '.join(cmd)}\n"
+                    raise SystemExit(f"building {venv} failed (exit {rc}): {' '.join(cmd)}\n"
                                      f"{log.read_text()[-3000:]}")
-        marker.write_text(_spec())
+        marker.write_text(spec)
         return venv
+
+
+def ensure_flytekit_venv(tag: str = "bench") -> Path:
+    """<repo>/.cache/bench/flytekit-X: flytekit and this repo (editable)."""
+    return ensure_bench_venv(f"flytekit-{FLYTEKIT_VERSION}", f"flytekit=={FLYTEKIT_VERSION}", tag=tag)
+
+
+def ensure_flyte_venv(tag: str = "bench") -> Path:
+    """<repo>/.cache/bench/flyte-X: flyte 2 (with its `a0`) and this repo (editable, with s3fs: flyte
+    re-registers s3 with obstore, and the executor reads S3 through fsspec)."""
+    return ensure_bench_venv(f"flyte-{FLYTE_VERSION}", f"flyte=={FLYTE_VERSION}", extras="s3", entry="a0", tag=tag)
 
 
 def default_plain_python() -> str:
@@ -282,10 +301,11 @@ def machine_facts(pythons: list[tuple[str, str]], extra: list[str] = (), load_at
 
 _README_HEAD = """# Benchmarks
 
-Two scripts, each comparing the executor with what flytekit does, in one run on the same machine:
+Two scripts, each comparing the executor with what the Flyte SDKs do, in one run on the same machine:
 
 - [`cold_start.py`](#cold-start-cold_startpy): a task pod's entrypoint from exec to exit
-  (`pyflyte-execute`, and `pyflyte-fast-execute` with a code bundle), wall time and peak RSS.
+  (flytekit's `pyflyte-execute`, and `pyflyte-fast-execute` with a code bundle; flyte 2's `a0`),
+  wall time and peak RSS.
 - [`bundle.py`](#code-bundles-bundlepy): fetching, verifying and extracting code bundles of
   1 MiB to 512 MiB, against a plain download then `tar xzf`, and a warm-cache hit.
 

@@ -1,7 +1,7 @@
 """Cold start, side by side: our executor against flytekit's own `pyflyte-execute` and
-`pyflyte-fast-execute`.
+`pyflyte-fast-execute`, and against flyte 2's `a0`.
 
-    python benchmarks/cold_start.py [--runs N] [--storage local,s3] [--suite execute,fast] [--write-readme]
+    python benchmarks/cold_start.py [--runs N] [--storage local,s3] [--suite execute,fast,a0] [--write-readme]
 
 One add-two-ints task, the same inputs.pb bytes. The `execute` suite, three contenders:
   ours-plain      <dev venv>/bin/python -m executor pyflyte-execute ... task-name add_plain
@@ -17,6 +17,11 @@ The `fast` suite: the task comes from a code bundle (fast<digest>.tar.gz, built 
   ours-fast-warm  the same on a cache already holding the bundle (as for the next pod on a node)
   flytekit-fast   <flytekit venv>/bin/pyflyte-fast-execute --additional-distribution B' --dest-dir D
                   -- pyflyte-execute ... task-module benchfast.tasks task-name add (a @flytekit.task)
+The `a0` suite: the same task as a Flyte 2 action, with flyte 2's container argv and pod env, three contenders:
+  ours-plain-a0   <dev venv>/bin/python -m executor a0 ... mod benchmarks.bench_tasks instance add_plain
+                  (no SDK)
+  ours-f2-task    <flyte venv>/bin/python -m executor a0 ... instance add_f2   (a flyte 2 task)
+  a0              <flyte venv>/bin/a0 ... instance add_f2
 each on a local directory and on a moto S3 server on loopback. Every run is one fresh process with
 a fresh output prefix (and a fresh --dest-dir); a run counts only if it wrote outputs.pb with
 o0 == a + b (and, for ours with a bundle, logged the expected cache miss or hit). Wall time is
@@ -25,7 +30,8 @@ by a tiny spawner process (see _common.Spawner). Contenders are interleaved roun
 starting contender rotates) after one unmeasured warm-up run each.
 
 The flytekit venv is built once at <repo>/.cache/bench/flytekit-<version> (flytekit and this repo,
-editable, in one pip resolver pass) and reused while its marker file matches.
+editable, in one pip resolver pass), the flyte venv likewise at <repo>/.cache/bench/flyte-<version>
+(flyte and this repo with its s3 extra), each reused while its marker file matches.
 Targets are printed as PASS/MISS, never asserted: these are noisy machines.
 """
 from __future__ import annotations
@@ -44,8 +50,8 @@ from typing import Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (benchmarks/ is not a package the scripts can rely on)
-    FLYTEKIT_VERSION, Spawner, Verdict, child_env, default_plain_python, ensure_flytekit_venv,
-    has_module, load_average, machine_facts, mib, moto_s3, ms, nearest_rank, ratio, say, tail,
+    FLYTE_VERSION, FLYTEKIT_VERSION, Spawner, Verdict, child_env, default_plain_python, ensure_flyte_venv,
+    ensure_flytekit_venv, has_module, load_average, machine_facts, mib, moto_s3, ms, nearest_rank, ratio, say, tail,
     write_readme_section,
 )
 
@@ -54,7 +60,7 @@ BUNDLE_MODULE = "benchfast.tasks"  # exists only inside the bundles: the task mu
 DEFAULT_RESOLVER = "flytekit.core.python_auto_container.default_task_resolver"
 A, B = 40, 2
 BUCKET = "cold-start-bench"
-SUITES = ("execute", "fast")
+SUITES = ("execute", "fast", "a0")
 
 # The two bundles' sources: the same add, once plain (ours) and once as a flytekit task (flytekit's).
 BUNDLE_SOURCES = {
@@ -84,7 +90,8 @@ class Contender:
     task: str
     suite: str = "execute"
     module: str = TASK_MODULE
-    reference: str = "flytekit"    # the flytekit contender its ratios are taken against
+    reference: str = "flytekit"    # the SDK's own entrypoint its ratios are taken against
+    protocol: str = "flyte1"       # "flyte2": the command takes a0's flags and pod env (see a0_args)
     bundle: str | None = None      # fast-execute: which bundle of BUNDLE_SOURCES it runs from
     cache: str | None = None       # ours with a bundle: "cold" (fresh cache each run) or "warm" (pre-filled)
     bin_first: str | None = None   # put first on PATH (flytekit's fast-execute runs `pyflyte-execute` from it)
@@ -148,7 +155,8 @@ class Storage:
     get: Callable[[str], bytes | None]
 
 
-def contenders(plain_python: str, fk_venv: Path, suites: list[str]) -> list[Contender]:
+def contenders(plain_python: str, fk_venv: Path, flyte_venv: Path | None, suites: list[str]) -> list[Contender]:
+    """The contenders of the given suites; flyte_venv is needed only for the a0 suite."""
     fk_python = str(fk_venv / "bin" / "python")
     ours_fast = (plain_python, "-m", "executor", "pyflyte-fast-execute")
     every = [
@@ -163,6 +171,14 @@ def contenders(plain_python: str, fk_venv: Path, suites: list[str]) -> list[Cont
                   "add", suite="fast", module=BUNDLE_MODULE, reference="flytekit-fast", bundle="fk",
                   bin_first=str(fk_venv / "bin"), repo_on_path=False),
     ]
+    if flyte_venv is not None:
+        f2_python = str(flyte_venv / "bin" / "python")
+        a0 = {"suite": "a0", "reference": "a0", "protocol": "flyte2"}
+        every += [
+            Contender("ours-plain-a0", "ours a0, plain function", (plain_python, "-m", "executor", "a0"), "add_plain", **a0),
+            Contender("ours-f2-task", "ours a0, flyte 2 task", (f2_python, "-m", "executor", "a0"), "add_f2", **a0),
+            Contender("a0", "flyte a0", (str(flyte_venv / "bin" / "a0"),), "add_f2", **a0),
+        ]
     return [c for c in every if c.suite in suites]
 
 
@@ -263,6 +279,27 @@ def entrypoint_args(inputs_uri: str, prefix: str, task: str, module: str = TASK_
     ]
 
 
+# The same task as a Flyte 2 action. The inputs.pb bytes serve both protocols (a flyteidl LiteralMap
+# is on the wire a flyteidl2 Inputs), and so does verify(): a flyteidl2 Outputs parses as a LiteralMap.
+A0_RESOLVER = "flyte._internal.resolvers.default.DefaultTaskResolver"
+
+
+def a0_args(inputs_uri: str, prefix: str, task: str) -> list[str]:
+    """flyte 2's container args for the task (RuntimeTaskTemplate.container_args), rendered."""
+    return [
+        "--inputs", inputs_uri, "--outputs-path", f"{prefix}/out", "--version", "bench",
+        "--raw-data-path", f"{prefix}/raw", "--checkpoint-path", f"{prefix}/ckpt", "--prev-checkpoint", "",
+        "--run-name", "run", "--name", "a0", "--run-start-time", "2026-01-01T00:00:00Z",
+        "--resolver", A0_RESOLVER, "mod", TASK_MODULE, "instance", task,
+    ]
+
+
+def a0_pod_env(prefix: str) -> dict[str, str]:
+    """What flyte 2 puts in an action pod's env (a0 falls back to it for the flags it is not given)."""
+    return {"_U_RUN_BASE": f"{prefix}/run-base", "_U_ORG_NAME": "org", "RUN_NAME": "run", "ACTION_NAME": "a0",
+            "FLYTE_INTERNAL_EXECUTION_PROJECT": "proj", "FLYTE_INTERNAL_EXECUTION_DOMAIN": "dev"}
+
+
 def verify(storage: Storage, files: RunFiles, exit_code: int) -> str:
     """'' if the run wrote outputs.pb holding o0 == A + B; otherwise what went wrong."""
     from flyteidl.core import literals_pb2
@@ -348,7 +385,13 @@ class Runner:
             env["EXECUTOR_CACHE_DIR"] = str(self.workdir / "warm-cache" / storage_name)
         if contender.bin_first:
             env["PATH"] = contender.bin_first + os.pathsep + os.environ.get("PATH", "")
-        argv = command + entrypoint_args(self.inputs_uri[storage_name], files.prefix, contender.task, contender.module)
+        if contender.protocol == "flyte2":
+            if storage.name == "local":
+                Path(files.prefix, "out").mkdir(parents=True, exist_ok=True)  # a0 cannot create it (ours can)
+            env.update(a0_pod_env(files.prefix))
+            argv = command + a0_args(self.inputs_uri[storage_name], files.prefix, contender.task)
+        else:
+            argv = command + entrypoint_args(self.inputs_uri[storage_name], files.prefix, contender.task, contender.module)
         wall, rss, code = self.spawner.run(argv, child_env(env, repo_importable=contender.repo_on_path),
                                            files.stdout, files.stderr)
         problem = verify(storage, files, code)
@@ -462,7 +505,7 @@ def bundle_import_summary(costs: list[ImportCost], root: str = "executor.bundle.
 
 def render_table(cells: dict[tuple[str, str], Cell], entrants: list[Contender], storages: list[str]) -> str:
     rows = [
-        "| storage | contender | ok runs | wall median | wall p90 | wall min | peak RSS median | wall vs flytekit | RSS vs flytekit |",
+        "| storage | contender | ok runs | wall median | wall p90 | wall min | peak RSS median | wall vs SDK entrypoint | RSS vs SDK entrypoint |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for storage in storages:
@@ -511,6 +554,12 @@ def verdicts(cells: dict[tuple[str, str], Cell], storages: list[str], suites: li
         for storage in storages:
             out.append(compare(f"ours fast-execute on a cold cache ≤ 1/10 of flytekit's pyflyte-fast-execute wall ({storage})",
                                "ours-fast-cold", "flytekit-fast", storage, "wall_median", 0.1))
+    if "a0" in suites:
+        out.append(compare("plain function under a0's argv wall ≤ 1/5 of a0's (local)",
+                           "ours-plain-a0", "a0", "local", "wall_median", 0.2))
+        for storage in storages:
+            out.append(compare(f"flyte 2 task through ours no slower than a0 ({storage})",
+                               "ours-f2-task", "a0", storage, "wall_median", 1.0))
     return out
 
 
@@ -539,10 +588,10 @@ def floor_line(spawner: Spawner, plain_python: str, runs: int) -> str:
 def readme_section(command: str, facts: list[str], report: str) -> str:
     return f"""## Cold start (`cold_start.py`)
 
-`cold_start.py` compares, in one run and on the same machine, how long a Flyte 1 task pod's
-entrypoint takes from exec to exit, and how much memory it peaks at, for a trivial task
-(`add(a: int, b: int) -> int`) with identical `inputs.pb` bytes. Suite `execute`, the task baked
-into the image (`bench_tasks.py`):
+`cold_start.py` compares, in one run and on the same machine, how long a task pod's entrypoint
+(Flyte 1's `pyflyte-execute` and `pyflyte-fast-execute`, Flyte 2's `a0`) takes from exec to exit,
+and how much memory it peaks at, for a trivial task (`add(a: int, b: int) -> int`) with identical
+`inputs.pb` bytes. Suite `execute`, the task baked into the image (`bench_tasks.py`):
 
 | contender | command |
 |---|---|
@@ -562,11 +611,24 @@ can only come from the bundle):
 | ours fast-execute, warm cache | the same, `EXECUTOR_CACHE_DIR` already holding the bundle (the next pod on a node, or a retry) |
 | flytekit pyflyte-fast-execute | `<flytekit venv>/bin/pyflyte-fast-execute ... task-name add` (bundle with `@flytekit.task def add`): downloads, runs `tar`, then starts `pyflyte-execute` (from `PATH`, the flytekit venv's `bin` first) as a second interpreter |
 
+Suite `a0`, the same task as a Flyte 2 action, baked into the image: each run gets flyte 2's
+rendered container argv (`--inputs --outputs-path --version --raw-data-path --checkpoint-path
+--prev-checkpoint --run-name --name --run-start-time --resolver flyte._internal.resolvers.default.DefaultTaskResolver
+mod benchmarks.bench_tasks instance ...`) and the pod env a0 reads the rest from (`_U_RUN_BASE`,
+`_U_ORG_NAME`, `RUN_NAME`, `ACTION_NAME`, `FLYTE_INTERNAL_EXECUTION_PROJECT`/`_DOMAIN`); on local
+storage the output directory is made beforehand (a0 cannot create it; ours can):
+
+| contender | command |
+|---|---|
+| ours a0, plain function | `<dev venv>/bin/python -m executor a0 ... instance add_plain` (no SDK installed) |
+| ours a0, flyte 2 task | `<flyte venv>/bin/python -m executor a0 ... instance add_f2` (a `flyte.TaskEnvironment` task, run through flyte 2's SDK) |
+| flyte a0 | `<flyte venv>/bin/a0 ... instance add_f2` |
+
 Each runs on local-directory storage and on a moto S3 server on loopback (reached through
 `FLYTE_AWS_ENDPOINT` and friends, as in a pod). The argv is flytekit's own container argv
 (`--inputs --output-prefix --raw-output-data-prefix --checkpoint-path --prev-checkpoint --resolver
--- task-module ... task-name ...`), with cwd the repo root and `PYTHONPATH` the repo root for the
-`execute` suite.
+-- task-module ... task-name ...`) or, for `a0`, flyte 2's, with cwd the repo root and
+`PYTHONPATH` the repo root for the `execute` and `a0` suites.
 
 What is measured, per run: wall time from `posix_spawn` to `os.wait4` returning (spawn, exec,
 interpreter start, imports, fetching the bundle, reading inputs, running the task, writing outputs,
@@ -577,20 +639,22 @@ space it was forked from, so spawning straight from the benchmark (which holds b
 server) would make every contender appear as big as the benchmark itself.
 
 Every run uses a fresh output prefix (and `--dest-dir`) and counts only if it wrote `outputs.pb`
-with `o0 == a + b`, and for ours with a bundle, only if the executor logged the expected
-`cache=miss` (cold) or `cache=hit` (warm); failures are counted in "ok runs" and their stderr is
+with `o0 == a + b` (for `a0`, a flyteidl2 `Outputs`, which parses as a `LiteralMap`), and for ours
+with a bundle, only if the executor logged the expected `cache=miss` (cold) or `cache=hit` (warm); failures are counted in "ok runs" and their stderr is
 shown. One unmeasured warm-up run per contender and storage warms the page cache (and fills the
 warm bundle cache); then contenders run round-robin, the first one rotating each round. The table
 gives the median, 90th percentile (nearest rank) and minimum of wall time, the median peak RSS,
-and the medians as ratios to flytekit's own entrypoint for the same job on the same storage:
-`pyflyte-execute` for the `execute` rows, `pyflyte-fast-execute` for the fast-execute rows. The
-flytekit venv is built once at `.cache/bench/flytekit-{FLYTEKIT_VERSION}` (flytekit and this repo,
-editable, one pip pass). Last, the plain-function contender (and, with the `fast` suite, the
-warm-cache fast-execute) runs once more under `python -X importtime` to show what its start-up
+and the medians as ratios to the SDK's own entrypoint for the same job on the same storage:
+`pyflyte-execute` for the `execute` rows, `pyflyte-fast-execute` for the fast-execute rows, flyte
+2's `a0` for the `a0` rows. The flytekit venv is built once at `.cache/bench/flytekit-{FLYTEKIT_VERSION}`
+(flytekit and this repo, editable, one pip pass), the flyte venv at `.cache/bench/flyte-{FLYTE_VERSION}`
+(flyte and this repo with its `s3` extra, editable, one pip pass). Last, the plain-function
+contender (and, with the `fast` suite, the warm-cache fast-execute; with the `a0` suite, the plain
+function under a0's argv) runs once more under `python -X importtime` to show what its start-up
 pays for.
 
 Reading the figures: the machine is shared and noisy, so compare the median with the p90 and the
-minimum (the least disturbed run) before trusting a difference of a few percent. Both venvs hold
+minimum (the least disturbed run) before trusting a difference of a few percent. The venvs hold
 the executor as an editable install, whose import hook `site` runs at every start (about 10 ms,
 listed below when present); an image with a regular install does not pay it.
 
@@ -598,7 +662,8 @@ Targets, printed as PASS/MISS and never asserted (the figures are noisy):
 a plain function takes at most 1/10 of flytekit's wall time and 1/2 of its peak RSS on local
 storage; a flytekit-authored task run through ours is no slower than flytekit's own entrypoint;
 ours fast-execute on a cold cache takes at most 1/10 of flytekit's `pyflyte-fast-execute` (local
-and S3).
+and S3); a plain function under a0's argv takes at most 1/5 of `a0`'s wall time on local storage;
+a flyte 2 task run through ours is no slower than `a0` (local and S3).
 
 ### Run it
 
@@ -606,8 +671,9 @@ and S3).
 {command}
 ```
 
-`--runs N` (default 10), `--storage local,s3` (either or both), `--suite execute,fast` (either or
-both), `--write-readme` (rewrites this section of this file).
+`--runs N` (default 10), `--storage local,s3` (either or both), `--suite execute,fast,a0` (any of
+them; default all), `--flytekit-venv`/`--flyte-venv` (use an existing venv), `--write-readme`
+(rewrites this section of this file).
 
 ### Latest figures
 
@@ -625,7 +691,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=10, help="measured runs per contender and storage (default 10)")
     parser.add_argument("--storage", default="local,s3", help="comma-separated: local, s3 (default both)")
-    parser.add_argument("--suite", default="execute,fast", help="comma-separated: execute, fast (default both)")
+    parser.add_argument("--suite", default=",".join(SUITES),
+                        help=f"comma-separated: {', '.join(SUITES)} (default all)")
     parser.add_argument("--write-readme", action="store_true",
                         help="rewrite the cold-start section of benchmarks/README.md with this run's figures")
     parser.add_argument("--plain-python", default=default_plain_python(),
@@ -633,15 +700,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--flytekit-venv", type=Path, default=None,
                         help=f"an existing venv with flytekit {FLYTEKIT_VERSION} and this repo installed "
                              f"(default: build/reuse .cache/bench/flytekit-{FLYTEKIT_VERSION})")
+    parser.add_argument("--flyte-venv", type=Path, default=None,
+                        help=f"for the a0 suite: an existing venv with flyte {FLYTE_VERSION} and this repo (with "
+                             f"its s3 extra) installed (default: build/reuse .cache/bench/flyte-{FLYTE_VERSION})")
     args = parser.parse_args(argv)
     args.plain_python = os.path.abspath(args.plain_python)  # posix_spawn does not search PATH
+    # ... and the spawner runs in the repo root: a relative venv would be looked up there
+    args.flytekit_venv = args.flytekit_venv and args.flytekit_venv.absolute()
+    args.flyte_venv = args.flyte_venv and args.flyte_venv.absolute()
     args.storages = [s.strip() for s in args.storage.split(",") if s.strip()]
     unknown = set(args.storages) - {"local", "s3"}
     if unknown or not args.storages:
         parser.error(f"--storage takes local and/or s3, got {args.storage!r}")
     args.suites = [s.strip() for s in args.suite.split(",") if s.strip()]
     if set(args.suites) - set(SUITES) or not args.suites:
-        parser.error(f"--suite takes execute and/or fast, got {args.suite!r}")
+        parser.error(f"--suite takes any of {', '.join(SUITES)}, got {args.suite!r}")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     return args
@@ -651,8 +724,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load_at_start = load_average()
     fk_venv = args.flytekit_venv or ensure_flytekit_venv("cold-start")
-    entrants = contenders(args.plain_python, fk_venv, args.suites)
-    plain = contenders(args.plain_python, fk_venv, ["execute"])[0]
+    flyte_venv = (args.flyte_venv or ensure_flyte_venv("cold-start")) if "a0" in args.suites else None
+    entrants = contenders(args.plain_python, fk_venv, flyte_venv, args.suites)
+    plain = contenders(args.plain_python, fk_venv, None, ["execute"])[0]
     if has_module(args.plain_python, "flytekit"):
         _say(f"note: {args.plain_python} has flytekit installed; the plain function does not import it")
     command = "python benchmarks/cold_start.py" + (f" --runs {args.runs}" if args.runs != 10 else "") \
@@ -674,6 +748,9 @@ def main(argv: list[str] | None = None) -> int:
         warm = next((c for c in entrants if c.key == "ours-fast-warm"), None)
         if warm is not None:
             profiles.append(("fast-execute on a warm cache, local storage", *import_profile(runner, warm)))
+        plain_a0 = next((c for c in entrants if c.key == "ours-plain-a0"), None)
+        if plain_a0 is not None:
+            profiles.append(("plain function under a0's argv, local storage", *import_profile(runner, plain_a0)))
         floor = floor_line(spawner, args.plain_python, args.runs)
 
     table = render_table(cells, entrants, args.storages)
@@ -696,8 +773,12 @@ def main(argv: list[str] | None = None) -> int:
         report += "\n\nFailures:\n```\n" + failures + "\n```"
     print(report)
     if args.write_readme:
-        facts = machine_facts([("plain venv", args.plain_python), ("flytekit venv", str(fk_venv / "bin" / "python"))],
-                              load_at_start=load_at_start)
+        pythons = [("plain venv", args.plain_python), ("flytekit venv", str(fk_venv / "bin" / "python"))]
+        extra = []
+        if flyte_venv is not None:
+            pythons.append(("flyte venv", str(flyte_venv / "bin" / "python")))
+            extra.append(f"flyte: {FLYTE_VERSION} (its `a0`)")
+        facts = machine_facts(pythons, extra, load_at_start=load_at_start)
         write_readme_section("cold_start.py", readme_section(command + " --write-readme", facts, report))
         _say("wrote the cold-start section of benchmarks/README.md")
     return 0
