@@ -20,3 +20,16 @@ if flytekit is not None:
     @flytekit.task
     def add_fk(a: int, b: int) -> int:
         return a + b
+
+
+try:
+    import flyte
+except ImportError:  # no flyte 2 SDK here
+    flyte = None
+
+if flyte is not None:
+    _env = flyte.TaskEnvironment(name="bench")
+
+    @_env.task
+    def add_f2(a: int, b: int) -> int:
+        return a + b

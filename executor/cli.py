@@ -1,8 +1,9 @@
 """Argv front-ends. Each one turns argv into an Invocation; nothing else happens here.
 
-Accepted exactly as flytekit 1.16 writes them:
+Accepted exactly as flytekit 1.16 and flyte 2.12 write them:
     executor pyflyte-execute --inputs U --output-prefix P [...] --resolver R -- <resolver args>
     executor pyflyte-map-execute ... --resolver ArrayNodeMapTaskResolver -- vars ... resolver ...
+    executor a0 --inputs U --outputs-path P --version V [...] (--tgz U | --pkl U) --dest D [--resolver R <args>]
 A usage error exits 2 and names the flag.
 """
 from __future__ import annotations
@@ -148,6 +149,128 @@ def parse_flyte1(command: str, argv: list[str]) -> Invocation:
     )
 
 
+# a0's options as flyte 2.12 declares them (flyte/_bin/runtime.py): flag, short alias, env fallback.
+_A0_OPTIONS = (
+    ("--inputs", "-i", None),
+    ("--outputs-path", "-o", None),
+    ("--version", "-v", None),
+    ("--run-base-dir", None, "_U_RUN_BASE"),
+    ("--raw-data-path", "-r", None),
+    ("--checkpoint-path", "-c", None),
+    ("--prev-checkpoint", "-p", None),
+    ("--name", None, "ACTION_NAME"),
+    ("--run-name", None, "RUN_NAME"),
+    ("--run-start-time", None, None),
+    ("--project", None, "FLYTE_INTERNAL_EXECUTION_PROJECT"),
+    ("--domain", None, "FLYTE_INTERNAL_EXECUTION_DOMAIN"),
+    ("--org", None, "_U_ORG_NAME"),
+    ("--debug", None, "_F_E_VS"),
+    ("--interactive-mode", None, None),
+    ("--image-cache", None, None),
+    ("--tgz", None, None),
+    ("--pkl", None, None),
+    ("--dest", None, None),
+    ("--resolver", None, None),
+)
+# Without these a0 stops before running anything (click's required options, then its asserts).
+_A0_REQUIRED = ("--inputs", "--outputs-path", "--version", "--run-base-dir", "--org", "--project", "--domain",
+                "--run-name", "--name")
+_MD5_HEX = "0123456789abcdef"
+
+
+def _a0_parser():
+    import argparse
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UsageError(f"{self.prog}: {message}")
+
+    parser = _Parser(prog="executor a0", allow_abbrev=False, description="Run one Flyte 2 action (flyte's a0 flags).")
+    for flag, short, env in _A0_OPTIONS:
+        names = (flag, short) if short else (flag,)
+        parser.add_argument(*names, metavar="VALUE", help=f"(env {env})" if env else None)
+    parser.add_argument("resolver_args", nargs="*", help="resolver arguments, e.g. mod my.module instance my_task")
+    _add_runtime_flags(parser)
+    return parser
+
+
+def _bool_option(flag: str, value: str | None) -> bool:
+    if value is None or value == "":
+        return False
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "t", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "f", "no", "n", "off"):
+        return False
+    raise UsageError(f"executor a0: {flag} takes a boolean, got {value!r}")
+
+
+def parse_a0(argv: list[str], environ: dict | None = None) -> Invocation:
+    """Parse flyte 2's `a0` argv (everything after the command word) and its environment."""
+    from executor.invocation import BundleSpec, Flyte2Spec
+
+    env = os.environ if environ is None else environ
+    trailing: list[str] = []
+    if "--" in argv:  # a0 writes none; click would take it as the end of options, so do we
+        split = argv.index("--")
+        argv, trailing = argv[:split], argv[split + 1:]
+    ns = _a0_parser().parse_intermixed_args(argv)
+    values = {}
+    for flag, _, env_name in _A0_OPTIONS:
+        value = getattr(ns, flag[2:].replace("-", "_"))
+        if value is None and env_name:
+            value = env.get(env_name)
+        values[flag] = value
+    # As a0: an unrendered run/action name template falls back to the env the backend also sets.
+    for flag, env_name in (("--run-name", "RUN_NAME"), ("--name", "ACTION_NAME")):
+        if values[flag] and values[flag].startswith("{{"):
+            values[flag] = env.get(env_name, "")
+    for flag in _A0_REQUIRED:
+        value = values[flag]
+        env_name = next(e for f, _, e in _A0_OPTIONS if f == flag)
+        source = f"{flag} (or ${env_name})" if env_name else flag
+        if value is None or (value == "" and flag != "--version"):
+            raise UsageError(f"executor a0: {source} is required")
+        if flag in ("--inputs", "--outputs-path", "--run-base-dir") and _unrendered(value):
+            raise UsageError(f"executor a0: {flag} must be a URI, got {value!r} (was the template rendered?)")
+    tgz, pkl = _optional(values["--tgz"]), _optional(values["--pkl"])
+    if tgz and pkl:
+        raise UsageError("executor a0: --tgz and --pkl are exclusive (a bundle is one or the other)")
+    version = values["--version"]
+    # `flyte run` sets --version to the md5 of the uploaded archive (or pickle): then it verifies it.
+    archive_md5 = version.lower() if len(version) == 32 and all(c in _MD5_HEX for c in version.lower()) else None
+    dest_dir = _optional(values["--dest"]) or "."
+    start = values["--run-start-time"]
+    spec = Flyte2Spec(
+        version=version,
+        run_base_dir=values["--run-base-dir"],
+        run_name=values["--run-name"],
+        action_name=values["--name"],
+        project=values["--project"],
+        domain=values["--domain"],
+        org=values["--org"],
+        run_start_time=None if not start or start.startswith("{{") else start,
+        image_cache=_optional(values["--image-cache"]),
+        pkl_uri=pkl,
+        dest_dir=dest_dir,
+        interactive=_bool_option("--debug", values["--debug"]) or _bool_option("--interactive-mode", values["--interactive-mode"]),
+    )
+    resolver = values["--resolver"] or ""  # none with --pkl; without a bundle a0 also needs one
+    return Invocation(
+        inputs_uri=values["--inputs"],
+        output_prefix=values["--outputs-path"],
+        resolver=resolver,
+        resolver_args=tuple(ns.resolver_args) + tuple(trailing),
+        raw_output_prefix=_optional(values["--raw-data-path"]),
+        checkpoint_path=_optional(values["--checkpoint-path"]),
+        prev_checkpoint=_optional(values["--prev-checkpoint"]),
+        protocol="flyte2",
+        bundle=BundleSpec(uri=tgz, dest_dir=dest_dir, archive_md5=archive_md5) if tgz else None,
+        flyte2=spec,
+        **_runtime_fields(ns),
+    )
+
+
 _HELP = """usage: executor COMMAND [ARGS]
 
 The in-pod runtime for Flyte tasks.
@@ -156,6 +279,7 @@ Commands (argv exactly as the Flyte backend writes it):
   pyflyte-fast-execute  fetch, verify and cache the code bundle, then run the inner command
   pyflyte-execute       run one Flyte 1 task   (flytekit's pyflyte-execute flags)
   pyflyte-map-execute   run one element of a map task (ArrayNode)
+  a0                    run one Flyte 2 action (flyte 2.12's a0 flags and env; --tgz/--pkl bundles verified)
 Tools:
   bundle build SRC OUT  write fast<digest>.tar.gz for SRC, named exactly as flytekit names it
   run MODULE.FUNC -i NAME=JSON ...
@@ -179,6 +303,10 @@ Fetches the code bundle, verifies it (EXECUTOR_BUNDLE_VERIFY=strict|auto|off), e
 into the node's cache (EXECUTOR_CACHE_DIR), puts it first on sys.path and runs the inner command
 in the same process. See docs/bundles.md.
 """
+
+
+def _argv_text(argv: list[str]) -> str:
+    return "[" + ", ".join('"' + a.replace("\\", "\\\\").replace('"', '\\"') + '"' for a in argv) + "]"
 
 
 def _bundle_command(argv: list[str]) -> int:
@@ -231,8 +359,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(_HELP)
         return 0 if argv else USAGE_EXIT
     command, rest = argv[0], argv[1:]
-    if command.startswith("pyflyte-"):
+    if command.startswith("pyflyte-") or command == "a0":
         import gc
+
+        from executor import logs
+
+        # Pod logs keep exactly what ran: `executor replay --argv-file` takes this list back.
+        logs.info("starting", argv=_argv_text(argv))
 
         # Imports (the task module, an SDK) allocate heavily and no cycle is garbage yet:
         # collecting during them is wasted time. Re-enabled before user code runs (execute.py).
@@ -253,6 +386,14 @@ def main(argv: list[str] | None = None) -> int:
                 _build_parser(command).print_help()
                 return 0
             invocation = parse_flyte1(command, rest)
+            from executor.supervisor import supervise
+
+            return supervise(invocation).exit_code
+        if command == "a0":
+            if "-h" in rest or "--help" in rest:
+                _a0_parser().print_help()
+                return 0
+            invocation = parse_a0(rest)
             from executor.supervisor import supervise
 
             return supervise(invocation).exit_code

@@ -145,7 +145,7 @@ _STDLIB_DIR = os.path.dirname(os.__file__) + os.sep
 _HIDDEN_MARKERS = (
     _EXECUTOR_DIR,
     f"{os.sep}flytekit{os.sep}",
-    f"{os.sep}flyte{os.sep}_internal{os.sep}",
+    f"{os.sep}flyte{os.sep}_",  # flyte 2's private modules: _task.py, _utils/, _internal/, _context.py
     "<frozen importlib",
     f"{os.sep}importlib{os.sep}__init__.py",
 )

@@ -138,7 +138,8 @@ def run_attempt(invocation: Invocation, diagnostics: Diagnostics) -> Attempt:
                 written.append(uri)
         return Attempt("success", task_name, written=written)
     except TaskFailure as failure:
-        return Attempt("failure", task_name, failure)
+        # The protocol's retry semantics need the exception itself, so they apply here, in the child.
+        return Attempt("failure", task_name, for_invocation(invocation).classify(failure))
     except Exception as e:
         if type(e).__name__ == "IgnoreOutputsRequested":
             logs.warning("the task raised IgnoreOutputs: no outputs are written", task=task_name)
@@ -178,8 +179,8 @@ def _fail_on_error() -> bool:
 
 def report_failure(failure: TaskFailure, invocation: Invocation, task: str, diagnostics: Diagnostics) -> Result:
     diagnostics.peak_rss_bytes = diagnostics.peak_rss_bytes or peak_rss_bytes()
-    message = logs.redact(render_message(failure, task, diagnostics))
     protocol = for_invocation(invocation)
+    message = logs.redact(render_message(failure, task, diagnostics))
     document = protocol.error_document(failure, message)
     logs.error("task failed", code=failure.code, phase=failure.phase or "-", task=task)
     sys.stderr.write(message + "\n")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 DEFAULT_RESOLVER = "flytekit.core.python_auto_container.default_task_resolver"
 MAP_RESOLVER = "flytekit.core.array_node_map_task.ArrayNodeMapTaskResolver"
+FLYTE2_RESOLVER = "flyte._internal.resolvers.default.DefaultTaskResolver"
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,24 @@ class BundleSpec:
 
 
 @dataclass(frozen=True)
+class Flyte2Spec:
+    """What only a Flyte 2 (`a0`) invocation carries: the action's identity and its pickled-task bundle."""
+
+    version: str
+    run_base_dir: str
+    run_name: str
+    action_name: str
+    project: str
+    domain: str
+    org: str
+    run_start_time: str | None = None  # RFC 3339 as given; None: unset or an unrendered template
+    image_cache: str | None = None
+    pkl_uri: str | None = None  # --pkl: gzip(cloudpickle(task)); no resolver then
+    dest_dir: str | None = None
+    interactive: bool = False
+
+
+@dataclass(frozen=True)
 class Invocation:
     inputs_uri: str
     output_prefix: str
@@ -48,6 +67,7 @@ class Invocation:
     task_template: str | None = None  # URI of a TaskTemplate .pb: env, timeout, retries, secrets
     secrets_dir: str | None = None  # local secrets for debugging: DIR/group/key
     grace_seconds: float | None = None  # SIGTERM -> SIGKILL grace (else EXECUTOR_GRACE_SECONDS)
+    flyte2: Flyte2Spec | None = None  # set exactly when protocol == "flyte2"
 
     @property
     def raw_output_prefix_or_default(self) -> str:

@@ -1,7 +1,8 @@
-"""Resolver arguments -> a Runnable: a plain typed function, or a flytekit task run through flytekit.
+"""Resolver arguments -> a Runnable: a plain typed function, or an SDK task run through its SDK.
 
-flytekit's default resolver is `getattr(importlib.import_module(M), T)`; we do the same without
-importing flytekit, and only hand over to flytekit when the attribute turns out to be its task.
+flytekit's default resolver is `getattr(importlib.import_module(M), T)`, and so is flyte 2's
+(`mod M instance T`); we do the same without importing either SDK, and only hand over to the SDK
+when the attribute turns out to be its task.
 """
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import os
 import sys
 
 from executor.errors import TaskFailure
-from executor.invocation import DEFAULT_RESOLVER, MAP_RESOLVER, Invocation, MapSpec
+from executor.invocation import DEFAULT_RESOLVER, FLYTE2_RESOLVER, MAP_RESOLVER, Invocation, MapSpec
 
 
 def load(invocation: Invocation):
+    if invocation.protocol == "flyte2":
+        return _load_flyte2(invocation)
     _put_cwd_on_path()
     if invocation.resolver == DEFAULT_RESOLVER:
         obj, name = _load_default(invocation.resolver_args)
@@ -130,3 +133,80 @@ def _load_custom(invocation: Invocation):
     from executor.runnables.flytekit_task import FlytekitTask
 
     return FlytekitTask.load_with_resolver(invocation)
+
+
+# --- Flyte 2 (a0) ----------------------------------------------------------------------------
+
+
+def _is_flyte2_task(obj) -> bool:
+    return any(cls.__module__ == "flyte" or cls.__module__.startswith("flyte.") for cls in type(obj).__mro__)
+
+
+def _flyte2_sys_path() -> None:
+    """As a0: the working directory first on sys.path, and _F_SYS_PATH's entries before it."""
+    if "." not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, ".")
+    entries = [p for p in os.environ.get("_F_SYS_PATH", "").split(":") if p and p not in sys.path]
+    for entry in reversed(entries):
+        sys.path.insert(0, entry)
+
+
+def _load_flyte2(invocation: Invocation):
+    spec = invocation.flyte2
+    _flyte2_sys_path()
+    if spec.pkl_uri:
+        from executor.bundle.inject import verify_policy
+        from executor.bundle import pkl
+
+        expected = spec.version.lower() if invocation.bundle is None and _is_md5(spec.version) else None
+        try:
+            obj = pkl.load(spec.pkl_uri, expected, verify_policy())
+        except TaskFailure as failure:
+            if failure.code.startswith("BUNDLE_"):
+                failure.phase = "bundle"
+            raise
+        name = getattr(obj, "name", None) or getattr(obj, "__qualname__", None) or "pickled task"
+    elif not invocation.resolver or not invocation.resolver_args:
+        raise TaskFailure(
+            "IMPORT",
+            "a0 was given no --resolver and resolver arguments, and no --pkl bundle: there is no task to load",
+            hint=f"flyte writes '--resolver {FLYTE2_RESOLVER} mod <module> instance <task>'",
+        )
+    elif invocation.resolver == FLYTE2_RESOLVER:
+        args = invocation.resolver_args
+        if len(args) < 4:  # flyte's resolver unpacks `_, module, _, name, *_`
+            raise TaskFailure(
+                "IMPORT",
+                f"resolver arguments {list(args)} are not 'mod <module> instance <task>'",
+                hint=f"{FLYTE2_RESOLVER} expects exactly that form",
+            )
+        module_name, attr = args[1], args[3]
+        module = import_task_module(module_name)
+        try:
+            obj = getattr(module, attr)
+        except AttributeError:
+            candidates = sorted(n for n, v in vars(module).items() if not n.startswith("_") and callable(v))[:20]
+            raise TaskFailure("IMPORT", f"module {module_name!r} has no attribute {attr!r}",
+                              hint=f"callables it does define: {', '.join(candidates) or 'none'}") from None
+        name = f"{module_name}.{attr}"
+    else:
+        from executor.runnables.flyte2_task import load_with_resolver
+
+        obj = load_with_resolver(invocation.resolver, invocation.resolver_args)
+        name = getattr(obj, "name", None) or invocation.resolver
+    if _is_flyte2_task(obj):
+        from executor.runnables.flyte2_task import Flyte2Task
+
+        return Flyte2Task(obj, name, invocation)
+    if _is_flytekit_task(obj):
+        raise TaskFailure("IMPORT", f"{name} is a flytekit (Flyte 1) task; a0 runs flyte 2 tasks",
+                          hint="register it with pyflyte, whose pods run pyflyte-execute")
+    if callable(obj):
+        from executor.runnables.plain import PlainFunction
+
+        return PlainFunction.from_callable(obj, name)
+    raise TaskFailure("IMPORT", f"{name} is a {type(obj).__name__}, not a task or a function")
+
+
+def _is_md5(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text.lower())

@@ -5,12 +5,13 @@
 
 The invocation comes from the pod's argv (F: one argument per line, a JSON list as printed by
 `kubectl get pod P -o jsonpath='{.spec.containers[0].args}'`, or a TaskTemplate/TaskSpec .pb whose
-`container.args` are used and whose `container.env` is applied), parsed by the same front-ends a
-pod uses. Flyte's placeholders (`{{.input}}`, `{{.outputPrefix}}`, ...) are filled in from PREFIX
-and --inputs. The bundle, inputs and previous checkpoint are read from where the pod read them;
-everything the replay writes (outputs, error document, offloaded data, checkpoints, the bundle's
-dest-dir links) goes under --out, never under the original prefix. Prints the decoded outputs,
-or the error message; exit 0 on success, 1 when the task failed, 2 on a usage error.
+`container.args` are used and which becomes the invocation's --task-template: env, timeout,
+retries, secrets). It is parsed by the same front-ends and run by the same supervisor as in a pod.
+Flyte's placeholders (`{{.input}}`, `{{.outputPrefix}}`, ...) are filled in from PREFIX and
+--inputs. The bundle, inputs, template and previous checkpoint are read from where the pod read
+them; everything the replay writes (outputs, error document, offloaded data, checkpoints, the
+bundle's dest-dir links) goes under --out, never under the original prefix. Prints the decoded
+outputs, or the error message; exit 0 on success, 1 when the task failed, 2 on a usage error.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ _COMMANDS = ("pyflyte-fast-execute", "pyflyte-execute", "pyflyte-map-execute")
 _PLACEHOLDER = re.compile(r"\{\{\s*\.(\w+)\s*\}\}")
 
 
-def read_argv_file(path: str) -> tuple[list[str], dict[str, str]]:
-    """The pod's argv from a file, and the env a TaskTemplate carries (empty for text files)."""
+def read_argv_file(path: str) -> tuple[list[str], bytes | None]:
+    """The pod's argv from a file, and the serialized TaskTemplate when the file is one (else None)."""
     data = storage.read_bytes(path)
     if path.lower().endswith(".pb"):
         from executor.inspect import _guess_type
@@ -50,7 +51,7 @@ def read_argv_file(path: str) -> tuple[list[str], dict[str, str]]:
             template.ParseFromString(data)
         if not template.container.args:
             raise UsageError(f"executor replay: {path} has no container.args (is it a TaskTemplate of a container task?)")
-        return list(template.container.args), {kv.key: kv.value for kv in template.container.env}
+        return list(template.container.args), template.SerializeToString()
     text = data.decode("utf-8").strip()
     if text.startswith("["):
         try:
@@ -59,8 +60,8 @@ def read_argv_file(path: str) -> tuple[list[str], dict[str, str]]:
             raise UsageError(f"executor replay: {path} is not a JSON list of strings ({e})") from None
         if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
             raise UsageError(f"executor replay: {path} is not a JSON list of strings")
-        return argv, {}
-    return [line for line in text.splitlines() if line.strip()], {}
+        return argv, None
+    return [line for line in text.splitlines() if line.strip()], None
 
 
 def _strip_launcher(argv: list[str]) -> list[str]:
@@ -81,6 +82,15 @@ def render(argv: list[str], values: dict[str, str]) -> list[str]:
         return lowered.get(match.group(1).lower(), match.group(0))
 
     return [_PLACEHOLDER.sub(one, arg) for arg in argv]
+
+
+def _with_option(argv: list[str], flag: str, value: str) -> list[str]:
+    """argv (starting at its command word) with `flag value` set among the command's own options."""
+    options_end = argv.index("--") if "--" in argv else len(argv)
+    if flag in argv[:options_end]:
+        i = argv.index(flag)
+        return [*argv[: i + 1], value, *argv[i + 2 :]]
+    return [argv[0], flag, value, *argv[1:]]
 
 
 def invocation_from_argv(argv: list[str]) -> Invocation:
@@ -176,8 +186,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", metavar="URI", help="inputs.pb to use (overrides the argv's --inputs)")
     p.add_argument("--bundle", metavar="URI", help="code bundle to use (overrides the argv's --additional-distribution)")
     p.add_argument("--out", metavar="DIR", help="fresh local directory for everything written (default ./replay-<time>-<id>)")
-    p.add_argument("--secrets-dir", metavar="DIR", help="DIR/<group>/<key> files, passed to the task as "
-                   "FLYTE_SECRETS_DEFAULT_DIR and _FSEC_<GROUP>_<KEY> environment variables")
+    p.add_argument("--task-template", metavar="URI", help="TaskTemplate .pb for the invocation (env, timeout, retries, "
+                   "secrets); implied when --argv-file is one")
+    p.add_argument("--secrets-dir", metavar="DIR", help="DIR/<group>/<key> files: the secrets the template requests are "
+                   "served from here, and every file is also passed as _FSEC_<GROUP>_<KEY> / FLYTE_SECRETS_DEFAULT_DIR")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment (repeatable)")
     p.add_argument("--array-index", type=int, metavar="N", help="map tasks: the element to run")
     return p
@@ -192,8 +204,9 @@ def main(argv: list[str]) -> int:
     if ns.prefix and _same_place(out, ns.prefix):
         raise UsageError(f"executor replay: --out {out} is inside the original prefix {ns.prefix}; never write there")
     env: dict[str, str] = {}
+    template_bytes = None
     if ns.argv_file:
-        pod_argv, env = read_argv_file(ns.argv_file)
+        pod_argv, template_bytes = read_argv_file(ns.argv_file)
     else:
         pod_argv = _task_argv(ns.task, ns.bundle)
     inputs = ns.inputs or (_default_inputs(ns.prefix) if ns.prefix else None)
@@ -206,7 +219,10 @@ def main(argv: list[str]) -> int:
     if inputs:
         values["input"] = inputs
         values["inputPrefix"] = inputs.rpartition("/")[0]
-    recorded = render(pod_argv, values)
+    recorded = _strip_launcher(render(pod_argv, values))
+    template_path = ns.task_template or (os.path.join(out, "task_template.pb") if template_bytes else None)
+    if template_path:  # ours, not flytekit's: the executor applies its env, timeout, retries and secrets
+        recorded = _with_option(recorded, "--task-template", template_path)
     invocation = invocation_from_argv(recorded)
     if ns.inputs:
         invocation = dataclasses.replace(invocation, inputs_uri=ns.inputs)
@@ -232,6 +248,7 @@ def main(argv: list[str]) -> int:
         dynamic_addl_distro=bundle.uri if bundle else invocation.dynamic_addl_distro,
         dynamic_dest_dir=dest if bundle else invocation.dynamic_dest_dir,
         bundle=bundle,
+        secrets_dir=os.path.abspath(ns.secrets_dir) if ns.secrets_dir else invocation.secrets_dir,
     )
 
     for pair in ns.env:
@@ -247,6 +264,9 @@ def main(argv: list[str]) -> int:
     os.environ.update(env)
 
     os.makedirs(out, exist_ok=True)
+    if template_bytes and not ns.task_template:
+        with open(os.path.join(out, "task_template.pb"), "wb") as f:
+            f.write(template_bytes)
     with open(os.path.join(out, "argv.json"), "w") as f:  # replayable again: --argv-file out/argv.json
         json.dump(recorded, f, indent=1)
     _say(f"replaying {' '.join(invocation.resolver_args)}: inputs {replay.inputs_uri}"
@@ -254,10 +274,10 @@ def main(argv: list[str]) -> int:
     if original_prefix:
         _mention_original(original_prefix)
 
-    from executor.execute import run_invocation
     from executor.inspect import describe_file
+    from executor.supervisor import supervise  # exactly what a pod's argv runs through
 
-    result = run_invocation(replay)
+    result = supervise(replay)
     if result.outcome == "success":
         outputs = storage.read_bytes(storage.join(replay.output_prefix, "outputs.pb"))
         print(json.dumps(describe_file(outputs, "literal-map")["values"], indent=2, default=str))

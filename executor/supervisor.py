@@ -49,6 +49,11 @@ def retry_delay(attempt_no: int, environ=None) -> float:
     return delay * random.uniform(0.5, 1.0)
 
 
+def preempted_hint(spec) -> str:
+    kind = "an interruptible (spot) task, preempted as expected" if spec is not None and spec.interruptible else "eviction or preemption"
+    return f"{kind}; the backend retries this attempt, and a saved checkpoint lets it resume"
+
+
 def log_retry(failure: TaskFailure, attempt_no: int, spec, delay: float) -> None:
     logs.warning(
         "recoverable failure, retrying in this container",
@@ -183,8 +188,7 @@ class _Supervisor:
                     if not proc.exited:
                         logs.warning("asked to stop: forwarding SIGTERM to the task", signal=name,
                                      grace_s=self.spec.grace_seconds)
-                    attempt.stop(f"the pod was asked to stop ({name})",
-                                 "eviction or spot preemption; the backend retries this attempt", now)
+                    attempt.stop(f"the pod was asked to stop ({name})", preempted_hint(self.spec), now)
                 attempt.tick(now)
                 if attempt.finished(now):
                     break
@@ -215,7 +219,7 @@ class _Supervisor:
             try:
                 got, status, rusage = os.wait4(-1 if self.reaps_all else pid, os.WNOHANG)
             except ChildProcessError:
-                return 0, None
+                return watch.LOST, None  # someone else reaped it (SIGCHLD ignored by a parent?): status unknown
             if got == 0:
                 return None, None
             if got == pid:

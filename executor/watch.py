@@ -16,7 +16,8 @@ tick(), and reads outcome() once finished() is true. What it does, and how it cl
                   a cancel, a draining server)
     death by a SIGKILL nobody here sent, or a higher cgroup oom_kill count  -> OOM
     SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT  -> USER, naming the signal
-    exit without a report  -> USER (os._exit?); our own code failing in the child  -> SYSTEM
+    exit without a report  -> USER (os._exit?); our own code failing in the child, or an exit
+    status someone else collected  -> SYSTEM
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from executor.errors import Diagnostics, TaskFailure, format_stack_dump, memory_
 from executor.invocation import Invocation
 
 CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT}
+LOST = -1  # an exit status that could not be collected (another process reaped the child)
 STACK_DUMP_WAIT = 2.0  # at most this long for faulthandler's dump ...
 STACK_DUMP_QUIET = 0.15  # ... which is complete once the pipe has been quiet this long
 DRAIN_AFTER_EXIT = 2.0  # after the process is gone, how long its pipes may still deliver
@@ -411,6 +413,9 @@ class AttemptWatch:
             message, hint = self.stop_reason
             return TaskFailure("PREEMPTED", f"{message} while the task was in phase {phase}", hint=hint)
         status = self.proc.status
+        if status == LOST:
+            return TaskFailure("SYSTEM", f"the task process ended in phase {phase} without reporting, and its exit "
+                                         "status was collected by another process (is SIGCHLD ignored?)")
         signum = os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
         oom_after = oom_kills()
         if signum == signal.SIGKILL or (self.oom_before is not None and oom_after is not None and oom_after > self.oom_before):

@@ -2,4 +2,5 @@
 pytest_plugins = [
     "tests.rig.object_stores",
     "tests.oracle.flytekit_env",
+    "tests.oracle.flyte_env",
 ]

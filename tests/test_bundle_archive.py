@@ -53,8 +53,10 @@ def test_build_is_deterministic_and_named_by_content(tmp_path):
         assert {m.mtime for m in tar} == {315532800} and {m.uid for m in tar} == {0}
     out = tmp_path / "x"
     out.mkdir()
-    assert archive.extract(a, str(out)) == 3
-    assert digest.content_digest(str(out)) == name_digest
+    extracted = archive.extract(a, str(out))
+    assert extracted.files == ["main.py", "pkg/__init__.py", "pkg/mod.py"]
+    # sorted regular files only: the name digest comes out of the same pass, and agrees with a re-hash
+    assert extracted.content_digest == name_digest == digest.content_digest(str(out))
     (src / "pkg/mod.py").write_bytes(b"x = 2\n")
     assert digest.digest_from_name(archive.build(str(src), str(tmp_path / "c"))) != name_digest
 
@@ -114,7 +116,8 @@ def test_safe_links_inside_are_kept(tmp_path):
                       (_info("copy.py", tarfile.LNKTYPE, "pkg/real.py"), None))
     dest = tmp_path / "dest"
     dest.mkdir()
-    assert archive.extract(path, str(dest)) == 3
+    extracted = archive.extract(path, str(dest))
+    assert len(extracted.files) == 3 and extracted.content_digest is None  # links: hashed afterwards
     assert (dest / "pkg/alias.py").read_bytes() == b"v = 1\n" and (dest / "copy.py").read_bytes() == b"v = 1\n"
 
 
@@ -146,3 +149,23 @@ def test_executable_bit_kept_setuid_never(tmp_path):
     archive.extract(path, str(dest))
     assert os.stat(dest / "run.sh").st_mode & stat.S_IXUSR
     assert not os.stat(dest / "data.txt").st_mode & (stat.S_IXUSR | stat.S_IWOTH)
+    # entries are shared between pods: nothing in them is writable
+    assert not os.stat(dest / "run.sh").st_mode & 0o222 and not os.stat(dest / "data.txt").st_mode & 0o222
+
+
+def test_unsorted_archive_falls_back_to_hashing_the_tree(tmp_path):
+    path = _malicious(tmp_path, (_info("b.py"), b"b"), (_info("a.py"), b"a"))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    extracted = archive.extract(path, str(dest))
+    assert extracted.content_digest is None
+    assert extracted.files == ["a.py", "b.py"]
+    assert digest.content_digest(str(dest), extracted.files) == digest.content_digest(str(dest))
+
+
+def test_duplicate_member_is_refused(tmp_path):
+    path = _malicious(tmp_path, (_info("a.py"), b"one"), (_info("a.py"), b"two"))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UnsafeBundle, match="appears twice"):
+        archive.extract(path, str(dest))

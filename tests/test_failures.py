@@ -258,3 +258,11 @@ def test_offloaded_input_is_read(tmp_path):
     run = run_executor(pyflyte_execute_args(tmp_path / "inputs.pb", prefix, M, "double"))
     run.prefix = prefix
     assert run.outputs().literals["o0"].scalar.primitive.integer == 42
+
+
+def test_argv_is_logged_for_replay(tmp_path):
+    run = _run(tmp_path, "double", env={"LOG_FORMAT": "json"})
+    first = json.loads(run.stderr.splitlines()[0])
+    assert first["msg"] == "starting"
+    argv = json.loads(first["argv"])
+    assert argv[0] == "pyflyte-execute" and argv[-4:] == ["task-module", M, "task-name", "double"]

@@ -140,30 +140,30 @@ def test_truncated_archive(tmp_path, inputs):
     assert _error(prefix).code == "BUNDLE_INTEGRITY"
 
 
-def test_from_s3_verifies_store_md5(tmp_path, inputs, moto_s3):
+def _s3_bundle(tmp_path, moto_s3) -> str:
     bundle = _bundle(tmp_path)
     bucket = moto_s3.make_bucket()
     moto_s3.put(bucket, f"fast/{bundle.name}", bundle.read_bytes())
-    run = _run(_fast_args(f"s3://{bucket}/fast/{bundle.name}", inputs, tmp_path / "o", tmp_path / "root"),
+    return f"s3://{bucket}/fast/{bundle.name}"
+
+
+def test_from_s3_verifies_store_md5(tmp_path, inputs, moto_s3):
+    run = _run(_fast_args(_s3_bundle(tmp_path, moto_s3), inputs, tmp_path / "o", tmp_path / "root"),
                tmp_path / "cache", env=moto_s3.env)
     assert run.returncode == 0, run.stderr
     assert _o0(tmp_path / "o") == 42 and "store md5" in run.stderr
 
 
 def test_sixteen_cold_starts_download_once(tmp_path, inputs, moto_s3, fault_proxy):
-    bundle = _bundle(tmp_path)
-    bucket = moto_s3.make_bucket()
-    moto_s3.put(bucket, f"fast/{bundle.name}", bundle.read_bytes())
-    proxy = fault_proxy(moto_s3.host, moto_s3.port)
-    env = {**moto_s3.env, "FLYTE_AWS_ENDPOINT": proxy.endpoint}
+    uri, proxy, env = _s3_bundle_behind_proxy(tmp_path, moto_s3, fault_proxy)
     procs = [subprocess.Popen([sys.executable, "-m", "executor", *_fast_args(
-        f"s3://{bucket}/fast/{bundle.name}", inputs, tmp_path / f"o{i}", tmp_path / "root")],
+        uri, inputs, tmp_path / f"o{i}", tmp_path / "root")],
         env=env_with({"EXECUTOR_CACHE_DIR": str(tmp_path / "cache"), **env}), cwd="/",
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(16)]
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0] * 16, [r[1][-500:] for r in results]
     assert all(_o0(tmp_path / f"o{i}") == 42 for i in range(16))
-    gets = [r for r in proxy.requests if r.method == "GET" and bundle.name in r.path]
+    gets = [r for r in proxy.requests if r.method == "GET" and uri.rsplit("/", 1)[1] in r.path]
     assert len(gets) == 1, proxy.requests
     assert sum("cache=miss" in r[1] for r in results) == 1
 
@@ -227,12 +227,10 @@ def test_from_gcs_verifies_store_md5(tmp_path, inputs, gcs_emulator):
 
 
 def _s3_bundle_behind_proxy(tmp_path, moto_s3, fault_proxy):
-    bundle = _bundle(tmp_path)
-    bucket = moto_s3.make_bucket()
-    moto_s3.put(bucket, f"fast/{bundle.name}", bundle.read_bytes())
+    uri = _s3_bundle(tmp_path, moto_s3)
     proxy = fault_proxy(moto_s3.host, moto_s3.port)
     env = {**moto_s3.env, "FLYTE_AWS_ENDPOINT": proxy.endpoint, "EXECUTOR_STORAGE_RETRY_BASE_DELAY": "0.05"}
-    return f"s3://{bucket}/fast/{bundle.name}", proxy, env
+    return uri, proxy, env
 
 
 def test_slowdown_storm_then_success(tmp_path, inputs, moto_s3, fault_proxy):
@@ -295,3 +293,15 @@ def test_bundle_built_by_flytekit_fast_package(tmp_path, flytekit_oracle, inputs
     run = _run(_fast_args(str(fk_bundle), inputs, tmp_path / "o", tmp_path / "root"), tmp_path / "cache")
     assert run.returncode == 0, run.stderr
     assert _o0(tmp_path / "o") == 42 and 'verified="name digest"' in run.stderr
+
+
+def test_unwritable_cache_falls_back_to_a_private_one(tmp_path, inputs):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory should be")
+    bundle = _bundle(tmp_path)
+    run = _run(_fast_args(str(bundle), inputs, tmp_path / "o", tmp_path / "root"), blocker / "cache",
+               env={"TMPDIR": str(tmp_path / "tmp")})
+    assert run.returncode == 0, run.stderr
+    assert _o0(tmp_path / "o") == 42
+    assert "bundle cache is not writable" in run.stderr and "chown" in run.stderr
+    assert list((tmp_path / "tmp").glob("executor-bundles-*/entries/*.complete"))

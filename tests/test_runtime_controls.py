@@ -67,6 +67,8 @@ class Pod:
         return doc.error
 
     def output(self) -> literals_pb2.Literal:
+        if not (self.prefix / "outputs.pb").exists() and (self.prefix / "error.pb").exists():
+            raise AssertionError(f"the task failed:\n{self.error().message}")
         m = literals_pb2.LiteralMap()
         m.ParseFromString((self.prefix / "outputs.pb").read_bytes())
         return m.literals["o0"]
@@ -129,14 +131,17 @@ def test_background_processes_do_not_outlive_a_successful_task(tmp_path):
 # --- SIGTERM --------------------------------------------------------------------------------------------
 
 def test_sigterm_is_forwarded_and_reported_as_preempted(tmp_path):
-    pod = Pod(tmp_path, "sleepy", {"seconds": 300}, {"seconds": int})
+    t = tasks_pb2.TaskTemplate()
+    t.metadata.interruptible = True
+    (tmp_path / "t.pb").write_bytes(t.SerializeToString())
+    pod = Pod(tmp_path, "sleepy", {"seconds": 300}, {"seconds": int}, extra=["--task-template", str(tmp_path / "t.pb")])
     pod.wait_started()
     pod.proc.send_signal(signal.SIGTERM)
     code, _, err = pod.finish()
     assert code == 0, err
     e = pod.error()
     assert e.code == "PREEMPTED" and e.kind == errors_pb2.ContainerError.RECOVERABLE and e.origin == 2
-    assert "SIGTERM" in e.message and "phase: run" in e.message
+    assert "SIGTERM" in e.message and "phase: run" in e.message and "interruptible (spot)" in e.message
 
 
 def test_sigterm_grace_then_kill_for_a_stubborn_task(tmp_path):

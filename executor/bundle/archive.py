@@ -117,13 +117,33 @@ def _inside(root_real: str, path: str) -> bool:
     return real == root_real or real.startswith(root_real + os.sep)
 
 
-def extract(archive_path: str, dest: str, limits: Limits | None = None) -> int:
-    """Extract archive_path into dest (an empty staging dir). Returns the number of files."""
+@dataclass
+class Extracted:
+    files: list[str]  # relative paths of the regular files and links, sorted as the digest wants them
+    total_bytes: int
+    content_digest: str | None  # computed while extracting, when the archive allows it (see extract)
+
+
+def extract(archive_path: str, dest: str, limits: Limits | None = None) -> Extracted:
+    """Extract archive_path into dest (an empty staging dir).
+
+    The name digest is computed in the same pass when the archive holds only regular files and
+    directories in sorted order (as flytekit and `executor bundle build` write them); otherwise
+    `content_digest` is None and the caller hashes the tree afterwards. Files are created read-only:
+    a cache entry is shared between pods.
+    """
+    import hashlib
+
     limits = limits or Limits.from_env()
     compressed = max(os.path.getsize(archive_path), 1)
     root_real = os.path.realpath(dest)
-    total = count = 0
+    total = 0
+    files: list[str] = []
     links: list[str] = []
+    made_dirs = {dest}
+    hasher = hashlib.md5()
+    streaming = True  # still possible to use the in-stream digest
+    previous_key = ""
     with tarfile.open(archive_path, "r:gz") as tar:
         for member in tar:
             rel = _member_path(member.name)
@@ -137,32 +157,39 @@ def extract(archive_path: str, dest: str, limits: Limits | None = None) -> int:
             if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
                 raise UnsafeBundle(member.name, f"unsupported member type {member.type!r}")
             parent = os.path.dirname(target)
-            os.makedirs(parent, exist_ok=True)
-            if not _inside(root_real, parent):
+            if parent not in made_dirs:
+                os.makedirs(parent, exist_ok=True)
+                made_dirs.add(parent)
+            # Until a symlink exists in the staging tree, lexically clean paths cannot leave it.
+            if links and not _inside(root_real, parent):
                 raise UnsafeBundle(member.name, "its directory leads outside the bundle through a symlink")
             if member.isdir():
-                os.makedirs(target, exist_ok=True)
+                if target not in made_dirs:
+                    os.makedirs(target, exist_ok=True)
+                    made_dirs.add(target)
                 continue
-            count += 1
-            if count > limits.max_files:
+            files.append(rel)
+            if len(files) > limits.max_files:
                 raise UnsafeBundle(member.name, f"more than {limits.max_files} files (EXECUTOR_BUNDLE_MAX_FILES)")
-            if os.path.lexists(target):
-                raise UnsafeBundle(member.name, "appears twice in the archive")
             if member.issym():
+                streaming = False
                 if os.path.isabs(member.linkname):
                     raise UnsafeBundle(member.name, f"symlink to an absolute path {member.linkname!r}")
-                os.symlink(member.linkname, target)
+                _create(lambda: os.symlink(member.linkname, target), member.name)
+                links.append(target)
                 if not _inside(root_real, target):
                     raise UnsafeBundle(member.name, f"symlink {member.linkname!r} points outside the bundle")
-                links.append(target)
                 continue
             if member.islnk():
+                streaming = False
                 try:
                     source = os.path.join(dest, _member_path(member.linkname))
                 except UnsafeBundle as e:
                     raise UnsafeBundle(member.name, f"hard link target {member.linkname!r}: {e.reason}") from None
                 if not _inside(root_real, source) or not os.path.isfile(source):
                     raise UnsafeBundle(member.name, f"hard link to {member.linkname!r}, which is not a file of the bundle")
+                if os.path.lexists(target):
+                    raise UnsafeBundle(member.name, "appears twice in the archive")
                 shutil.copyfile(source, target)
                 continue
             total += member.size
@@ -170,16 +197,33 @@ def extract(archive_path: str, dest: str, limits: Limits | None = None) -> int:
                 raise UnsafeBundle(member.name, f"bundle expands past {limits.max_total_bytes} bytes (EXECUTOR_BUNDLE_MAX_BYTES)")
             if total / compressed > limits.max_ratio and total > (1 << 20):
                 raise UnsafeBundle(member.name, f"compression ratio above {limits.max_ratio:g} (EXECUTOR_BUNDLE_MAX_RATIO): a decompression bomb?")
+            key = target  # flytekit sorts absolute paths; same prefix, so this orders like the digest
+            if streaming and key <= previous_key:
+                streaming = False
+            previous_key = key
             source_file = tar.extractfile(member)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-            fd = os.open(target, flags, 0o755 if member.mode & 0o111 else 0o644)
+            fd = _create(lambda: os.open(target, flags, 0o555 if member.mode & 0o111 else 0o444), member.name)
             with os.fdopen(fd, "wb") as out:
-                shutil.copyfileobj(source_file, out, 1 << 20)
+                while chunk := source_file.read(1 << 20):
+                    out.write(chunk)
+                    if streaming:
+                        hasher.update(chunk)
+            if streaming:
+                hasher.update("".join(rel.split(os.sep)).encode("utf-8"))
     # A later member can change where an earlier link resolves: check them all once more at the end.
     for link in links:
         if not _inside(root_real, link):
             raise UnsafeBundle(os.path.relpath(link, dest), "symlink points outside the bundle")
-    return count
+    files.sort(key=lambda rel: os.path.join(dest, rel))
+    return Extracted(files, total, hasher.hexdigest() if streaming else None)
+
+
+def _create(make, name: str):
+    try:
+        return make()
+    except FileExistsError:
+        raise UnsafeBundle(name, "appears twice in the archive") from None
 
 
 def verify_content(root: str, expected: str) -> str:

@@ -17,12 +17,10 @@ import json
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from executor import logs, storage
-from executor.bundle import archive
-from executor.bundle.digest import content_digest, digest_from_name, list_files
+from executor.bundle.digest import digest_from_name
 from executor.errors import TaskFailure
 
 POLICIES = ("strict", "auto", "off")
@@ -59,8 +57,25 @@ class BundleCache:
     def __init__(self, root: str | None = None, max_bytes: int | None = None):
         self.root = os.path.abspath(root or default_cache_dir())
         self.max_bytes = max_bytes if max_bytes is not None else int(os.environ.get("EXECUTOR_CACHE_MAX_BYTES", 10 << 30))
+        try:
+            self._make_dirs()
+        except OSError as e:
+            # A fresh hostPath is often root-owned while the task runs as a user: run, but say why it is slow.
+            fallback = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"executor-bundles-{os.getuid()}")
+            logs.warning(
+                "bundle cache is not writable; using a private cache for this pod",
+                cache=self.root, reason=e.strerror or str(e), fallback=fallback,
+                hint="make the hostPath writable by the task's uid (an init container can chown it)",
+            )
+            self.root = fallback
+            self._make_dirs()
+
+    def _make_dirs(self) -> None:
         for sub in ("entries", "locks", "staging", "downloads"):
-            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+            path = os.path.join(self.root, sub)
+            os.makedirs(path, exist_ok=True)
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied", path)
 
     def _entry(self, key: str) -> str:
         return os.path.join(self.root, "entries", key)
@@ -73,7 +88,7 @@ class BundleCache:
             hit = self._hit(key)
             if hit:
                 return hit
-        with self._locked(key or "uri-" + uuid.uuid5(uuid.NAMESPACE_URL, ref.uri).hex):
+        with self._locked(key or "uri-" + _short_hash(ref.uri)):
             if key:
                 hit = self._hit(key)  # another process may have built it while we waited
                 if hit:
@@ -107,10 +122,11 @@ class BundleCache:
 
     def _build(self, ref: BundleRef, key: str | None) -> Prepared:
         self._sweep_leftovers()
-        download = os.path.join(self.root, "downloads", f"{uuid.uuid4().hex}.tar.gz")
+        download = os.path.join(self.root, "downloads", f"{os.urandom(16).hex()}.tar.gz")
         try:
             try:
-                archive_md5, stored = storage.download_hashed(ref.uri, download)
+                # Not durable: the archive is deleted right after extraction.
+                archive_md5, stored = storage.download_hashed(ref.uri, download, durable=False)
             except storage.StorageNotFound:
                 raise TaskFailure("BUNDLE_FETCH", f"code bundle {ref.uri} does not exist", recoverable=False,
                                   hint="was the bundle uploaded by registration? check --additional-distribution / --tgz") from None
@@ -118,12 +134,14 @@ class BundleCache:
                 raise TaskFailure("BUNDLE_FETCH", f"cannot download code bundle: {e}", cause=e) from None
             verified, unverified = self._verify_archive(ref, archive_md5, stored)
             key = key or f"a{archive_md5}"
-            staging = os.path.join(self.root, "staging", f"{key}.{uuid.uuid4().hex}")
+            staging = os.path.join(self.root, "staging", f"{key}.{os.urandom(16).hex()}")
             os.makedirs(staging)
             try:
-                files = self._extract(download, staging)
+                extracted = self._extract(download, staging)
                 if ref.name_digest and ref.policy != "off":
-                    actual = content_digest(staging, files)
+                    from executor.bundle.digest import content_digest
+
+                    actual = extracted.content_digest or content_digest(staging, extracted.files)
                     if actual != ref.name_digest:
                         raise TaskFailure(
                             "BUNDLE_INTEGRITY",
@@ -136,8 +154,7 @@ class BundleCache:
                 if ref.policy == "strict" and not verified:
                     raise TaskFailure("BUNDLE_INTEGRITY", f"code bundle {ref.uri}: nothing could be verified and the policy is strict",
                                       hint="give --bundle-md5, or use a fast<md5>.tar.gz name, or set EXECUTOR_BUNDLE_VERIFY=auto")
-                _make_read_only(staging)
-                return self._publish(key, staging, files, archive_md5, verified, unverified)
+                return self._publish(key, staging, extracted, archive_md5, verified, unverified)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         finally:
@@ -167,24 +184,24 @@ class BundleCache:
             unverified.append("store md5 (multipart upload or not provided)")
         return verified, unverified
 
-    def _extract(self, download: str, staging: str) -> list[str]:
+    def _extract(self, download: str, staging: str):
+        from executor.bundle import archive  # only a miss pays for tarfile, gzip and hashlib
+
         try:
-            archive.extract(download, staging)
+            return archive.extract(download, staging)
         except archive.UnsafeBundle as e:
             raise TaskFailure("BUNDLE_UNSAFE", f"code bundle refused, {e}",
                               hint="bundles may hold only regular files, directories and links that stay inside") from None
         except (OSError, EOFError, ValueError) as e:  # truncated or not a gzip tar
             raise TaskFailure("BUNDLE_INTEGRITY", f"code bundle is not a readable tar.gz: {type(e).__name__}: {e}") from None
-        return list_files(staging)
 
-    def _publish(self, key, staging, files, archive_md5, verified, unverified) -> Prepared:
+    def _publish(self, key, staging, extracted, archive_md5, verified, unverified) -> Prepared:
         entry = self._entry(key)
         if os.path.lexists(entry):  # a partial entry from a killed process
             _make_writable(entry)
             shutil.rmtree(entry, ignore_errors=True)
         os.rename(staging, entry)
-        size = sum(os.path.getsize(os.path.join(entry, f)) for f in files if os.path.isfile(os.path.join(entry, f)))
-        marker = {"key": key, "archive_md5": archive_md5, "files": len(files), "bytes": size,
+        marker = {"key": key, "archive_md5": archive_md5, "files": len(extracted.files), "bytes": extracted.total_bytes,
                   "verified": verified, "created": time.time()}
         storage.write_bytes(entry + ".complete", json.dumps(marker).encode())
         self._mark_in_use(key)
@@ -260,13 +277,10 @@ class BundleCache:
             os.close(fd)
 
 
-def _make_read_only(root: str) -> None:
-    # Tasks share entries: a task writing into its own code dir must not change another pod's code.
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                os.chmod(path, os.stat(path).st_mode & ~0o222)
+def _short_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(text.encode()).hexdigest()
 
 
 def _make_writable(root: str) -> None:

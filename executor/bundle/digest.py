@@ -5,7 +5,6 @@ separators removed. So it can be recomputed over an extracted tree and compared 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import stat
@@ -34,6 +33,8 @@ def list_files(root: str, skip_dirs: frozenset[str] = frozenset()) -> list[str]:
 
 
 def content_digest(root: str, files: list[str] | None = None) -> str:
+    import hashlib
+
     hasher = hashlib.md5()
     for rel in files if files is not None else list_files(root):
         with open(os.path.join(root, rel), "rb") as f:

@@ -27,6 +27,7 @@ class CodecError(ValueError):
 @dataclass(frozen=True)
 class Context:
     raw_output_prefix: str = ""
+    enum_by_name: bool = False  # flyte 2 writes an Enum as its member's name; flytekit as its value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +84,11 @@ def _encode(value, tp, kind, ctx, path) -> L.Literal:
             raise CodecError(f"{path}: an untyped dict must hold only msgpack types (str, int, float, bool, None, list, dict): {e}") from None
         return L.Literal(scalar=L.Scalar(binary=L.Binary(value=raw, tag=MSGPACK)))
     if kind == "enum":
-        return L.Literal(scalar=L.Scalar(primitive=L.Primitive(string_value=value.value if not isinstance(value, str) else value)))
+        if isinstance(value, str):
+            text = value
+        else:
+            text = value.name if ctx.enum_by_name else value.value
+        return L.Literal(scalar=L.Scalar(primitive=L.Primitive(string_value=text)))
     if kind == "dataclass":
         try:
             raw = structs.pack(structs.to_plain(value, tp, path))
@@ -207,6 +212,8 @@ def to_python(lit: L.Literal, tp: typing.Any, path: str = "value") -> typing.Any
         return _decode_union(lit, tp, path)
     if scalar is not None and scalar.HasField("union"):
         return to_python(scalar.union.value, tp, path)
+    if kind == "pickle" and scalar is not None and scalar.HasField("binary") and not scalar.binary.tag:
+        return _loads_pickle(scalar.binary.value, "an inline pickle", path)  # flyte 2 inlines small pickles
     if scalar is not None and scalar.HasField("binary") and kind not in ("dataclass", "untyped_dict"):
         return _from_msgpack(scalar.binary, tp, path)
     primitive = scalar.primitive if scalar is not None and scalar.HasField("primitive") else None
@@ -237,6 +244,8 @@ def to_python(lit: L.Literal, tp: typing.Any, path: str = "value") -> typing.Any
         try:
             return tp(primitive.string_value)
         except ValueError:
+            if primitive.string_value in tp.__members__:  # flyte 2 writes the member's name
+                return tp[primitive.string_value]
             allowed = ", ".join(repr(m.value) for m in tp)
             raise CodecError(f"{path}: {primitive.string_value!r} is not a value of {tp.__name__} ({allowed})") from None
     if kind in ("dataclass", "untyped_dict") and scalar is not None:
@@ -302,15 +311,18 @@ def _from_plain(data, tp, path):
 
 
 def _load_pickle(uri: str, path: str):
-    import pickle
-
     from executor import storage
 
-    data = storage.read_bytes(uri)
+    return _loads_pickle(storage.read_bytes(uri), uri, path)
+
+
+def _loads_pickle(data: bytes, where: str, path: str):
+    import pickle
+
     try:
         return pickle.loads(data)
     except Exception as e:
-        raise CodecError(f"{path}: cannot unpickle {uri}: {type(e).__name__}: {e}") from None
+        raise CodecError(f"{path}: cannot unpickle {where}: {type(e).__name__}: {e}") from None
 
 
 def _download_file(uri: str):

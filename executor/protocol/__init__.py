@@ -5,6 +5,7 @@ Runnables speak flyteidl.core LiteralMaps; a protocol module converts at the edg
     outputs_bytes(LiteralMap) -> bytes of that protocol's outputs.pb
     error_document(failure, message) -> message with SerializeToString()
     error_file_name() -> "error.pb" (or a unique name for distributed tasks)
+    classify(failure) -> failure, with this protocol's retry semantics applied (before rendering)
 """
 from __future__ import annotations
 

@@ -41,6 +41,11 @@ def distributed_error_strategy() -> bool:
     return bool(_get_one_of("FLYTE_INTERNAL_DIST_ERROR_STRATEGY", "_F_DES"))
 
 
+def classify(failure: TaskFailure) -> TaskFailure:
+    """Flyte 1 keeps the taxonomy's kinds as they are (see executor.errors)."""
+    return failure
+
+
 def error_file_name() -> str:
     """error.pb, or error-<unique>.pb when several workers of one task report (flytekit's naming)."""
     if not distributed_error_strategy():

@@ -29,6 +29,8 @@ def _hash_string(literal) -> str:
 def offload_large_outputs(files: dict, output_prefix: str, output_types: dict) -> dict:
     if "_F_L_MIN_SIZE_MB" not in os.environ or OUTPUTS_FILE not in files:
         return files
+    if type(files[OUTPUTS_FILE]).DESCRIPTOR.full_name != "flyteidl.core.LiteralMap":
+        return files  # flytekit's scheme; a flyte 2 task's outputs (flyteidl2 Outputs) are never offloaded
     min_size = int(os.environ.get("_F_L_MIN_SIZE_MB") or "10") * MIB
     max_size = int(os.environ.get("_F_L_MAX_SIZE_MB") or "1000") * MIB
     from flyteidl.core import literals_pb2

@@ -58,7 +58,8 @@ class PlainFunction:
 
     @contextlib.contextmanager
     def session(self, invocation: Invocation):
-        self._codec_ctx = literals.Context(raw_output_prefix=invocation.raw_output_prefix_or_default)
+        self._codec_ctx = literals.Context(raw_output_prefix=invocation.raw_output_prefix_or_default,
+                                           enum_by_name=invocation.protocol == "flyte2")
         yield self
 
     def decode_inputs(self, literal_map: literals_pb2.LiteralMap) -> dict:

@@ -44,7 +44,7 @@ SIGNALS = {
 }
 __doc__ += "\n".join(f"    {signal.Signals(s).name:<8} {what}" for s, what in SIGNALS.items())
 
-LOST_SERVER = ("the executor server went away", "the warm server exited or was killed; the backend retries this attempt")
+LOST_SERVER = ("the executor server went away", None)
 
 
 def task_module(invocation) -> str | None:
@@ -191,7 +191,7 @@ class ForkServer:
         self.server_lost = True
         self._stop_everything(*LOST_SERVER)
 
-    def _stop_everything(self, message: str, hint: str, grace: float = 5.0) -> None:
+    def _stop_everything(self, message: str, hint: str | None, grace: float = 5.0) -> None:
         self.exiting = True
         for job in list(self.jobs.values()):
             self._stop(job, message, hint, grace)
@@ -204,8 +204,7 @@ class ForkServer:
             pass
         if self.sigterm:
             self.sigterm = False
-            self._stop_everything("the warm worker was asked to stop (SIGTERM)",
-                                  "eviction or spot preemption; the backend retries this attempt")
+            self._stop_everything("the warm worker was asked to stop (SIGTERM)", None)
 
     def _send(self, message: dict) -> None:
         if self.server_lost:
@@ -274,6 +273,10 @@ class ForkServer:
             os.mkdir(job.checkpoint_local)
             if message.get("failure"):  # decided by the server: report it, run nothing
                 code, text, hint = message["failure"]
+                if hint is None:
+                    from executor import supervisor
+
+                    hint = supervisor.preempted_hint(None)
                 failure = TaskFailure(code, text, hint=hint)
                 failure.phase = "queue"
             else:
@@ -368,7 +371,13 @@ class ForkServer:
             job.attempt.stop(message, hint, time.monotonic(), grace)
         job.pid = proc.pid
 
-    def _stop(self, job: Job, message: str, hint: str, grace: float | None) -> None:
+    def _stop(self, job: Job, message: str, hint: str | None, grace: float | None) -> None:
+        """Stop the invocation: PREEMPTED with `message` and `hint` (None: the one-shot path's hint
+        for a preemption, which says whether the task is interruptible)."""
+        if hint is None:
+            from executor import supervisor
+
+            hint = supervisor.preempted_hint(job.spec)
         logs._context = {"invocation": job.id}
         try:
             job.stop_reason = (message, hint, grace)

@@ -21,8 +21,7 @@ SERVING, CLOSING, DRAINING = "serving", "closing", "draining"  # closing: no new
 
 CANCELLED = ("PREEMPTED", "cancelled by the caller (DELETE /invocations/{id})",
              "the invocation was cancelled through the executor's API; nothing to fix")
-SHUTDOWN = ("PREEMPTED", "the warm server was asked to stop ({signal})",
-            "eviction or spot preemption; the backend retries this attempt")
+SHUTDOWN = ("PREEMPTED", "the warm server was asked to stop ({signal})", None)  # hint: the one-shot path's
 WORKER_DIED = ("SYSTEM", "the warm worker running this invocation died (exit code {code})",
                "a bug or a kill from outside; the backend retries this attempt")
 

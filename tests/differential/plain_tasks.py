@@ -133,3 +133,8 @@ def upper_file(f: os.PathLike) -> os.PathLike:
 def square(x: int, offset: int) -> int:
     """The map-task case: mapped over ``x``, ``offset`` optionally bound."""
     return x * x + offset
+
+
+def describe_ints(a: int, b: int) -> tuple[int, int]:
+    """Two outputs, for output-order checks."""
+    return a + b, a * b

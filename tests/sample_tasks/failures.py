@@ -58,3 +58,8 @@ class Unpicklable:
 
 def secret_in_message(x: int) -> int:
     raise RuntimeError("token=hunter2-secret leaked")
+
+
+def user_error_ab(a: int, b: int) -> int:
+    """For a0 runs (inputs a and b)."""
+    return helper_that_raises(a + b)
