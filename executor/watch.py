@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import select
 import signal
@@ -458,9 +459,13 @@ def signal_tree(pid: int, signum: int) -> None:
 
 
 def wait_readable(fds: list[int], timeout: float) -> list[int]:
+    """The descriptors that are readable (or at end of file) within `timeout` seconds. poll, not
+    select: a warm server's descriptors may number beyond select's 1024."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN | select.POLLPRI)
     try:
-        readable, _, _ = select.select(fds, [], [], max(0.0, timeout))
-        return readable
+        return [fd for fd, _ in poller.poll(max(0, math.ceil(timeout * 1000)))]
     except InterruptedError:
         return []
 

@@ -184,6 +184,30 @@ def test_map_task_elements_follow_each_invocations_env(server, tmp_path):
     assert [output_value(tmp_path, f"map-{i}") for i in range(3)] == [20, 40, 60]
 
 
+def test_flyte2_a0_argv_warm_matches_its_one_shot_run(server, tmp_path):
+    from flyteidl2.task import common_pb2
+
+    from tests.test_a0 import ENV, RESOLVER, write_inputs as write_a0_inputs
+
+    s = server()
+    inputs = write_a0_inputs(tmp_path / "a0-inputs.pb", a=2, b=3)
+    bodies = {}
+    for name in ("warm", "cold"):
+        argv = ["a0", "--inputs", str(inputs), "--outputs-path", str(tmp_path / name / "out"), "--version", "v1",
+                "--raw-data-path", str(tmp_path / name / "raw"), "--run-name", "{{.runName}}", "--name", "a0",
+                "--resolver", RESOLVER, "mod", "tests.differential.plain_tasks", "instance", "describe_ints"]
+        bodies[name] = {"id": name, "argv": argv, "env": {**ENV, "RUN_NAME": f"run-of-{name}"}}
+    record = s.run(bodies["warm"])
+    assert record["result"]["outcome"] == "success" and record["pool"] == "image:tests.differential.plain_tasks"
+    proc = subprocess.run([sys.executable, "-m", "executor", *bodies["cold"]["argv"]], env=env_with(bodies["cold"]["env"]),
+                          cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    warm = (tmp_path / "warm" / "out" / "outputs.pb").read_bytes()
+    assert warm == (tmp_path / "cold" / "out" / "outputs.pb").read_bytes()
+    outputs = common_pb2.Outputs.FromString(warm)
+    assert [(n.name, n.value.scalar.primitive.integer) for n in outputs.literals] == [("o0", 5), ("o1", 6)]
+
+
 def test_module_state_never_leaks_between_isolated_invocations(server, tmp_path):
     s = server("--concurrency", "1")
     counts = [s.run(invocation(tmp_path, f"fork-{i}", "count_calls", {"x": i})) and output_value(tmp_path, f"fork-{i}")

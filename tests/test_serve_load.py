@@ -161,6 +161,8 @@ def test_load_every_invocation_ends_with_exactly_one_document(tmp_path):
     for part, margin in (("server", 32 * MIB), ("fork_servers", 32 * MIB), ("largest_runner", 32 * MIB)):
         assert memory_end[part] <= memory_start[part] * 1.5 + margin, (part, memory_start, memory_end)
     assert memory_start["fork_servers"] and memory_end["fork_servers"]  # the same warm worker all along
+    # descriptors: each runner holds a few; nothing per invocation may stay open
+    assert memory_end["fork_server_fds"] <= memory_start["fork_server_fds"] + 6 * CONCURRENCY, (memory_start, memory_end)
     assert kinds["timeout"] and kinds["cancel"] and kinds["fail"]
 
 
@@ -194,4 +196,5 @@ def _memory(server: Server) -> dict:
     fork_servers = main.children()
     children = [c for f in fork_servers for c in f.children()]
     return {"server": rss(main), "fork_servers": sum(rss(f) for f in fork_servers),
-            "largest_runner": max([rss(c) for c in children] or [0]), "runners": len(children)}
+            "largest_runner": max([rss(c) for c in children] or [0]), "runners": len(children),
+            "fork_server_fds": sum(len(os.listdir(f"/proc/{f.pid}/fd")) for f in fork_servers)}

@@ -161,7 +161,6 @@ class ForkServer:
                 times.append(t - now)
             if job.retry_at is not None:
                 times.append(job.retry_at - now)
-        times += [p.drain_until - now for p in self.procs.values() if p.drain_until is not None]
         return max(0.0, min(times))
 
     def _read_channel(self) -> None:
@@ -241,17 +240,19 @@ class ForkServer:
                 job.attempt.on_exit(status, rusage, time.monotonic())
             else:  # a child whose attempt is over, a spare, an idle runner: gone, with its last output
                 proc.exited_at(status, rusage, time.monotonic())
-                if proc.relay:
-                    proc.relay.drain()
                 self._forget_proc(pid)
 
     def _close_drained(self, now: float) -> None:
+        """Children that are gone and run nothing now: their last output relayed, their pipes closed."""
         for pid, proc in list(self.procs.items()):
-            if pid not in self.busy and proc.drained(now):
+            if pid not in self.busy and proc.exited:
                 self._forget_proc(pid)
 
     def _forget_proc(self, pid: int) -> None:
-        self.procs.pop(pid).close()
+        proc = self.procs.pop(pid)
+        if proc.relay:
+            proc.relay.drain()
+        proc.close()
         runner = self.runners.pop(pid, None)
         if runner is not None:
             runner.retire()
