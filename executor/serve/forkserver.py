@@ -48,10 +48,11 @@ LOST_SERVER = ("the executor server went away", None)
 
 
 def task_module(invocation) -> str | None:
-    """The module the pool imports once: `task-module M` in the resolver arguments (map tasks too)."""
+    """The module the pool imports once: `task-module M` in the resolver arguments (map tasks too),
+    or flyte 2's `mod M`."""
     args = list(invocation.resolver_args)
     for i, arg in enumerate(args[:-1]):
-        if arg == "task-module":
+        if arg == "task-module" or (arg == "mod" and i == 0):
             return args[i + 1]
     return None
 

@@ -24,6 +24,9 @@ def pool_key(invocation) -> str:
     from executor.serve.forkserver import task_module
 
     bundle = invocation.bundle
+    pickled = getattr(getattr(invocation, "flyte2", None), "pkl_uri", None)
+    if pickled:  # a0 --pkl: the task is the pickle (loaded by each invocation)
+        return f"pkl:{_short_hash(pickled)}"
     if bundle is None:
         digest = "image"
     else:

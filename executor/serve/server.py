@@ -65,7 +65,7 @@ class Server:
     def submit(self, body: dict) -> Answer:
         invocation_id, argv, env, isolation = _validate(body, self.settings.isolation)
         digest = fingerprint(argv, env, body.get("isolation"))
-        invocation = _parse_argv(argv)
+        invocation = _parse_argv(argv, {**self.base_env, **env})
         with self.lock:
             existing = self.registry.get(invocation_id)
             if existing is not None:
@@ -328,17 +328,20 @@ def _validate(body, default_isolation: str) -> tuple[str, list[str], dict, str]:
     return invocation_id, argv, env, isolation
 
 
-def _parse_argv(argv: list[str]):
-    from executor.cli import UsageError, parse_fast_execute, parse_flyte1
+def _parse_argv(argv: list[str], env: dict):
+    """The one-shot front-ends, as the pod would run them; a0 reads its env fallbacks from the invocation's env."""
+    from executor import cli
 
     if argv[0] in ("executor", "python -m executor"):
         argv = argv[1:]
     command, rest = (argv[0], argv[1:]) if argv else ("", [])
     try:
         if command == "pyflyte-fast-execute":
-            return parse_fast_execute(rest)
+            return cli.parse_fast_execute(rest)
         if command in ("pyflyte-execute", "pyflyte-map-execute"):
-            return parse_flyte1(command, rest)
-    except UsageError as e:
+            return cli.parse_flyte1(command, rest)
+        if command == "a0" and hasattr(cli, "parse_a0"):
+            return cli.parse_a0(rest, env)
+    except cli.UsageError as e:
         raise RequestError(str(e)) from None
-    raise RequestError(f"argv[0] must be pyflyte-fast-execute, pyflyte-execute or pyflyte-map-execute, got {command!r}")
+    raise RequestError(f"argv[0] must be pyflyte-fast-execute, pyflyte-execute, pyflyte-map-execute or a0, got {command!r}")
