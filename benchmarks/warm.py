@@ -2,8 +2,8 @@
 
     python benchmarks/warm.py [--latency-runs N] [--throughput-runs N] [--clients C] [--store DIR] [--write-readme]
 
-One trivial plain-function task (`add_plain` below: this file is its task module), the same
-inputs.pb, three contenders:
+One trivial plain-function task (`add_plain` of benchmarks/bench_tasks.py, the one cold_start.py
+times), the same inputs.pb, three contenders:
   cold        `python -m executor pyflyte-execute ...`: one fresh process per invocation (the pod path)
   isolated    POST /invocations to `executor serve`: a fresh forked child per invocation (the default)
   in-process  the same with "isolation": "inprocess": a warm runner process runs invocation after invocation
@@ -44,14 +44,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "benchmarks" / "README.md"
 BEGIN, END = "<!-- warm.py: begin -->", "<!-- warm.py: end -->"
-TASK_MODULE = "benchmarks.warm"
+TASK_MODULE = "benchmarks.bench_tasks"  # a light module: the cold path imports it too
 RESOLVER = "flytekit.core.python_auto_container.default_task_resolver"
 A, B = 40, 2
 TARGETS = {"isolated_p50_ms": 5.0, "inprocess_p50_ms": 1.0, "throughput_per_s": 300.0}
-
-
-def add_plain(a: int, b: int) -> int:
-    return a + b
 
 
 def _say(message: str) -> None:
@@ -160,6 +156,24 @@ class Serve:
                 raise SystemExit(f"executor serve did not start: {(store / 'serve.log').read_text()}")
             time.sleep(0.02)
 
+    def cpu_split(self) -> dict:
+        """CPU seconds so far: the server process, its fork servers, and their children (runners,
+        isolated children: those reaped, and those alive now)."""
+        import psutil
+
+        main = psutil.Process(self.proc.pid)
+        out = {"server": sum(main.cpu_times()[:2]), "fork servers": 0.0, "children": 0.0}
+        for f in main.children():
+            t = f.cpu_times()
+            out["fork servers"] += t.user + t.system
+            out["children"] += t.children_user + t.children_system
+            for c in f.children():
+                try:
+                    out["children"] += sum(c.cpu_times()[:2])
+                except psutil.Error:
+                    pass
+        return out
+
     def cpu_seconds(self) -> float:
         import psutil
 
@@ -213,6 +227,7 @@ def warm(serve: Serve, fixture: Fixture, isolation: str, latency_runs: int, thro
                 results.append(ok)
 
     cpu_before = serve.cpu_seconds()
+    split_before = serve.cpu_split()
     started = time.perf_counter()
     threads = [threading.Thread(target=drive, args=(throughput_runs // clients,)) for _ in range(clients)]
     for t in threads:
@@ -222,6 +237,8 @@ def warm(serve: Serve, fixture: Fixture, isolation: str, latency_runs: int, thro
     wall = time.perf_counter() - started
     time.sleep(0.3)  # the last children exit and are accounted
     cpu = serve.cpu_seconds() - cpu_before
+    split_after = serve.cpu_split()
+    split = {k: (split_after[k] - split_before[k]) * 1000 / max(1, len(results)) for k in split_after}
     lat = [s[0] for s in samples if s[2]]
     server = [s[1] for s in samples if s[2]]
     label = {"fork": "warm, isolated (a forked child per invocation)",
@@ -229,7 +246,8 @@ def warm(serve: Serve, fixture: Fixture, isolation: str, latency_runs: int, thro
     return {"label": label, "ok": sum(s[2] for s in samples) + sum(results), "runs": len(samples) + len(results),
             "p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * nearest_rank(lat, 0.99),
             "server_p50_ms": 1000 * statistics.median(server), "throughput": len(results) / wall, "clients": clients,
-            "cpu_ms": 1000 * cpu / len(results)}
+            "cpu_ms": 1000 * cpu / len(results), "cpu_split_ms": split}
+
 
 
 # ------------------------------------------------------------------------------------ report
@@ -263,7 +281,7 @@ def report(rows: dict, facts: dict, command: str, store: str, load: tuple[float,
     out = [
         "## Warm invocations (`warm.py`)",
         "",
-        "`warm.py` runs one trivial plain-function task (`add_plain(a: int, b: int) -> int`) as the cold one-shot",
+        "`warm.py` runs one trivial plain-function task (`add_plain(a: int, b: int) -> int` of `bench_tasks.py`) as the cold one-shot",
         "path (a fresh `python -m executor pyflyte-execute` process per invocation) and through `executor serve`,",
         "isolated (a fresh forked child per invocation, the default) and in-process (a warm runner), in one run.",
         "Latency is one invocation at a time, each a single HTTP round trip (`POST /invocations?wait=60`, keep-alive)",
@@ -291,6 +309,9 @@ def report(rows: dict, facts: dict, command: str, store: str, load: tuple[float,
         cpu = f"{r['cpu_ms']:.2f} ms" if r["cpu_ms"] is not None else "-"
         out.append(f"| {r['label']} | {r['ok']}/{r['runs']} | {r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms | {server} "
                    f"| {r['throughput']:.0f}/s | {r['clients']} | {cpu} |")
+    for key in ("fork", "inprocess"):
+        split = ", ".join(f"{name} {ms:.2f} ms" for name, ms in rows[key]["cpu_split_ms"].items())
+        out.append(f"\n{rows[key]['label']}, CPU per invocation under throughput: {split}.")
     out += ["", "Targets:"]
     out += [f"- {'PASS' if ok else 'MISS'}  {text}" for ok, text in targets(rows)]
     return "\n".join(out) + "\n"
