@@ -41,7 +41,7 @@ SETTINGS = (
     Setting("max_pools", "--max-pools", "EXECUTOR_SERVE_MAX_POOLS", 4, int,
             "warm pools kept, one per (bundle digest, task module); the least recently used idle one goes first"),
     Setting("max_invocations_per_worker", "--max-invocations-per-worker", "EXECUTOR_SERVE_MAX_INVOCATIONS_PER_WORKER",
-            1000, int, "a worker (fork server or in-process runner) is replaced after this many invocations (0: never)"),
+            10000, int, "a worker (fork server or in-process runner) is replaced after this many invocations (0: never)"),
     Setting("max_worker_rss_mib", "--max-worker-rss-mib", "EXECUTOR_SERVE_MAX_WORKER_RSS_MIB", 1024, int,
             "a worker whose resident memory is above this is replaced once idle (0: never)"),
     Setting("idle_ttl", "--idle-ttl", "EXECUTOR_SERVE_IDLE_TTL", 0.0, float,
@@ -67,7 +67,7 @@ class Settings:
     backlog: int = 64
     isolation: str = "fork"
     max_pools: int = 4
-    max_invocations_per_worker: int = 1000
+    max_invocations_per_worker: int = 10000
     max_worker_rss_mib: int = 1024
     idle_ttl: float = 0.0
     grace: float | None = None
