@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import signal
 import subprocess
@@ -188,6 +187,3 @@ def descendants(pid: int) -> list[int]:
     except psutil.Error:
         return []
 
-
-__all__ = ["Server", "invocation", "output_value", "error_doc", "out_files", "alive", "wait_for", "scratch_env",
-           "descendants", "os"]

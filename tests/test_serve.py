@@ -7,13 +7,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
-from flyteidl.core import errors_pb2, security_pb2, tasks_pb2
+from flyteidl.core import security_pb2, tasks_pb2
 
-from tests.helpers import REPO, env_with, pyflyte_execute_args
+from tests.helpers import REPO, env_with
 from tests.serve_rig import (TASKS, Server, alive, descendants, error_doc, invocation, out_files, output_value,
                              scratch_env, wait_for)
 
@@ -575,8 +574,6 @@ def test_usage_errors_of_serve_itself_exit_2(tmp_path):
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and "executor serve" in proc.stderr, (args, proc.stderr)
 
-
-_ = (pyflyte_execute_args, TASKS, time)
 
 
 # --- flytekit tasks, warm -------------------------------------------------------------------------

@@ -47,7 +47,7 @@ class Worker:
 
     _numbers = iter(range(1, 1 << 62))
 
-    def __init__(self, key: str, config: dict, on_message, on_exit, stdout):
+    def __init__(self, key: str, config: dict, on_message, on_exit):
         self.key = key
         self.number = next(self._numbers)
         self.in_flight: set[str] = set()
@@ -59,7 +59,7 @@ class Worker:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "executor.serve.forkserver", str(fd)],
-                pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=stdout, start_new_session=True,
+                pass_fds=(fd,), stdin=subprocess.DEVNULL, start_new_session=True,  # stdout/stderr: the server's
             )
         finally:
             os.close(fd)
@@ -111,12 +111,11 @@ class Worker:
 class Pools:
     """Not thread-safe by itself: the server calls it under its lock."""
 
-    def __init__(self, settings, config: dict, on_message, on_exit, stdout=None):
+    def __init__(self, settings, config: dict, on_message, on_exit):
         self.settings = settings
         self.config = config
         self.on_message = on_message
         self.on_exit = on_exit
-        self.stdout = stdout
         self.current: collections.OrderedDict[str, Worker] = collections.OrderedDict()  # LRU first
         self.retiring: set[Worker] = set()
         self.recycled: collections.Counter = collections.Counter()
@@ -127,7 +126,7 @@ class Pools:
         if worker is not None:
             self.current.move_to_end(key)
             return worker, True
-        worker = Worker(key, self.config, self.on_message, self.on_exit, self.stdout)
+        worker = Worker(key, self.config, self.on_message, self.on_exit)
         self.current[key] = worker
         self._evict()
         return worker, False

@@ -9,6 +9,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import shutil
+import sys
 import threading
 import time
 
@@ -38,19 +40,19 @@ class Answer:
 
 
 class Server:
-    def __init__(self, settings, stdout=None):
+    def __init__(self, settings):
         self.settings = settings
         self.lock = threading.RLock()
         self.registry = Registry(settings.history)
         self.metrics = Metrics()
         self.work_dir = settings.work_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"executor-serve-{os.getpid()}")
         config = {
-            "sys_path": list(__import__("sys").path),
+            "sys_path": list(sys.path),
             "work_dir": self.work_dir,
             "max_invocations_per_worker": settings.max_invocations_per_worker,
             "max_worker_rss": settings.max_worker_rss_mib * 2**20,
         }
-        self.pools = Pools(settings, config, self._on_worker_message, self._on_worker_exit, stdout)
+        self.pools = Pools(settings, config, self._on_worker_message, self._on_worker_exit)
         self.queue: collections.deque[Record] = collections.deque()
         self.running = 0
         self.state = SERVING
@@ -259,8 +261,6 @@ class Server:
                 worker.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except Exception:
                 worker.kill()
-        import shutil
-
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
     # --- observation ---------------------------------------------------------------------------------
