@@ -43,7 +43,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "benchmarks" / "README.md"
-BEGIN, END = "<!-- warm.py: begin -->", "<!-- warm.py: end -->"
+# The same markers as benchmarks/_common.py's sections, so that its write_readme_section can keep this one.
+BEGIN, END = "<!-- BEGIN warm.py (written by benchmarks/warm.py --write-readme) -->", "<!-- END warm.py -->"
 TASK_MODULE = "benchmarks.bench_tasks"  # a light module: the cold path imports it too
 RESOLVER = "flytekit.core.python_auto_container.default_task_resolver"
 A, B = 40, 2
@@ -318,15 +319,21 @@ def report(rows: dict, facts: dict, command: str, store: str, load: tuple[float,
 
 
 def write_readme(section: str) -> None:
-    text = README.read_text() if README.exists() else ""
-    block = f"{BEGIN}\n{section}{END}\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    README.write_text(text)
+    """Replace this benchmark's section (between its markers) or append it; nothing else changes."""
+    import fcntl
+
+    README.touch(exist_ok=True)
+    with open(README, "r+", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # as _common.write_readme_section: one writer at a time
+        text = f.read()
+        block = f"{BEGIN}\n{section.strip()}\n{END}"
+        if BEGIN in text and END in text:
+            text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+        else:
+            text = text.rstrip("\n") + "\n\n" + block + "\n"
+        f.seek(0)
+        f.write(text)
+        f.truncate()
 
 
 def main(argv: list[str] | None = None) -> int:
