@@ -99,7 +99,8 @@ def test_a_retried_post_never_runs_the_task_twice(server, tmp_path):
         t.start()
     for t in threads:
         t.join()
-    assert sorted(a[0] for a in answers) in ([202] * 5, [200] + [202] * 4, [200] * 2 + [202] * 3)
+    statuses = [a[0] for a in answers]
+    assert len(statuses) == 5 and set(statuses) <= {200, 202} and 202 in statuses  # 200: it had finished already
     assert s.wait_done("once")["result"]["outcome"] == "success"
     status, again = s.post(body, wait=5)
     assert status == 200 and again["result"]["outcome"] == "success"
