@@ -117,6 +117,16 @@ def cold_once(fixture: Fixture) -> tuple[float, bool]:
     return time.perf_counter() - started, proc.returncode == 0 and fixture.ok(prefix)
 
 
+def floor_ms(runs: int = 10) -> float:
+    """A bare `python -c pass` on this machine now: how fast it is at the moment of the run."""
+    walls = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], env=child_env())
+        walls.append(time.perf_counter() - started)
+    return 1000 * statistics.median(walls)
+
+
 def cold(fixture: Fixture, latency_runs: int, throughput_runs: int) -> dict:
     cold_once(fixture)  # warm the page cache
     samples = [cold_once(fixture) for _ in range(latency_runs)]
@@ -278,7 +288,7 @@ def targets(rows: dict) -> list[tuple[bool, str]]:
     return lines
 
 
-def report(rows: dict, facts: dict, command: str, store: str, load: tuple[float, float]) -> str:
+def report(rows: dict, facts: dict, command: str, store: str, load: tuple[float, float], floor: float) -> str:
     out = [
         "## Warm invocations (`warm.py`)",
         "",
@@ -300,6 +310,7 @@ def report(rows: dict, facts: dict, command: str, store: str, load: tuple[float,
         f"- nproc: {facts['nproc']} (cpu: {facts['cpu']}); os: {facts['os']}; python: {facts['python']}",
         f"- store: {store}; load average before/after: {load[0]:.2f} / {load[1]:.2f} (the machine is shared: other",
         "  processes' work shows up as latency and lower throughput here)",
+        f"- floor: a bare `python -c pass` took {floor:.0f} ms during this run",
         "",
         "| contender | ok runs | p50 | p99 | server p50 | throughput | clients | CPU per invocation |",
         "|---|---|---|---|---|---|---|---|",
@@ -349,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     try:
         fixture = Fixture(store)
+        floor = floor_ms()
         rows = {}
         _say("cold one-shot")
         rows["cold"] = cold(fixture, max(10, args.latency_runs // 20), max(20, args.throughput_runs // 20))
@@ -363,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(store, ignore_errors=True)
     command = "python benchmarks/warm.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:]) if (argv or sys.argv[1:]) else "")
     text = report(rows, machine(), command, "tmpfs (/dev/shm)" if base == "/dev/shm" else str(base or "default temp dir"),
-                  (load_before, os.getloadavg()[0]))
+                  (load_before, os.getloadavg()[0]), floor)
     print(text)
     if args.write_readme:
         write_readme(text)
