@@ -301,13 +301,15 @@ def machine_facts(pythons: list[tuple[str, str]], extra: list[str] = (), load_at
 
 _README_HEAD = """# Benchmarks
 
-Two scripts, each comparing the executor with what the Flyte SDKs do, in one run on the same machine:
+Three scripts, each comparing the executor with what the Flyte SDKs do, in one run on the same machine:
 
 - [`cold_start.py`](#cold-start-cold_startpy): a task pod's entrypoint from exec to exit
   (flytekit's `pyflyte-execute`, and `pyflyte-fast-execute` with a code bundle; flyte 2's `a0`),
   wall time and peak RSS.
 - [`bundle.py`](#code-bundles-bundlepy): fetching, verifying and extracting code bundles of
   1 MiB to 512 MiB, against a plain download then `tar xzf`, and a warm-cache hit.
+- `warm.py`: `executor serve` per-invocation latency and throughput, isolated and in-process,
+  against the cold one-shot path.
 
 Each script's `--write-readme` rewrites only its own section below, with the command, the machine
 and the latest figures.
@@ -318,7 +320,7 @@ def _markers(section: str) -> tuple[str, str]:
     return f"<!-- BEGIN {section} (written by benchmarks/{section} --write-readme) -->", f"<!-- END {section} -->"
 
 
-def write_readme_section(section: str, body: str, order: tuple[str, ...] = ("cold_start.py", "bundle.py")) -> None:
+def write_readme_section(section: str, body: str, order: tuple[str, ...] = ("cold_start.py", "bundle.py", "warm.py")) -> None:
     """Replace this script's section of benchmarks/README.md (between its markers), keeping the others.
 
     The head (above the sections) is this module's; sections missing from the file are created in
