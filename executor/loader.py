@@ -40,10 +40,14 @@ def _load_default(args: tuple[str, ...]):
             f"resolver arguments {list(args)} are not 'task-module <module> task-name <name>'",
             hint=f"{DEFAULT_RESOLVER} expects exactly that form after '--'",
         )
-    module_name, attr = args[1], args[3]
+    return import_task_attribute(args[1], args[3]), f"{args[1]}.{args[3]}"
+
+
+def import_task_attribute(module_name: str, attr: str):
+    """getattr(import_module(M), T), as every SDK's default resolver does, with errors that help."""
     module = import_task_module(module_name)
     try:
-        obj = getattr(module, attr)
+        return getattr(module, attr)
     except AttributeError:
         candidates = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))[:20]
         raise TaskFailure(
@@ -51,7 +55,6 @@ def _load_default(args: tuple[str, ...]):
             f"module {module_name!r} has no attribute {attr!r}",
             hint=f"callables it does define: {', '.join(candidates) or 'none'}",
         ) from None
-    return obj, f"{module_name}.{attr}"
 
 
 def import_task_module(module_name: str):
@@ -180,15 +183,8 @@ def _load_flyte2(invocation: Invocation):
                 f"resolver arguments {list(args)} are not 'mod <module> instance <task>'",
                 hint=f"{FLYTE2_RESOLVER} expects exactly that form",
             )
-        module_name, attr = args[1], args[3]
-        module = import_task_module(module_name)
-        try:
-            obj = getattr(module, attr)
-        except AttributeError:
-            candidates = sorted(n for n, v in vars(module).items() if not n.startswith("_") and callable(v))[:20]
-            raise TaskFailure("IMPORT", f"module {module_name!r} has no attribute {attr!r}",
-                              hint=f"callables it does define: {', '.join(candidates) or 'none'}") from None
-        name = f"{module_name}.{attr}"
+        obj = import_task_attribute(args[1], args[3])
+        name = f"{args[1]}.{args[3]}"
     else:
         from executor.runnables.flyte2_task import load_with_resolver
 
