@@ -10,8 +10,6 @@ missing is made once, under a file lock, and announced on the terminal.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
@@ -20,6 +18,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.oracle.flytekit_env import locked
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "image"
@@ -45,17 +45,6 @@ class Unavailable(Exception):
 
 def say(msg: str) -> None:
     print(f"[image] {msg}", file=sys.__stderr__, flush=True)
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _run(cmd, *, timeout: float, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -208,7 +197,7 @@ def _dependency_wheels(python: str, version: str, context: Path) -> Path:
 
 def ensure_image(podman: Podman) -> str:
     """The executor image for the working tree, built unless an identical one is already stored."""
-    with _locked(CACHE / "build.lock"):
+    with locked(CACHE / "build.lock"):
         base = ensure_base(podman)
         base_id = podman("image", "inspect", "--format", "{{.Id}}", base, timeout=60).stdout.strip()
         context = CACHE / "context"

@@ -16,10 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -27,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import cloudpickle
 import pytest
 
-from tests.oracle.flytekit_env import ORACLE_ROOT, REPO_ROOT, ToolError, _locked, subprocess_env
+from tests.oracle.flytekit_env import REPO_ROOT, ToolError, build_venv, subprocess_env
 
 FLYTE_VERSION = "2.12.1"
 F2_TOOL = Path(__file__).resolve().with_name("f2_tool.py")
@@ -43,35 +41,8 @@ def _spec() -> str:
 
 
 def ensure_venv() -> Path:
-    """Create (or reuse) the flyte oracle venv; returns its directory. Raises on any failure."""
-    venv = ORACLE_ROOT / f"flyte-{FLYTE_VERSION}"
-    marker = venv / ".oracle-complete"
-    log = ORACLE_ROOT / f"flyte-{FLYTE_VERSION}.log"
-    with _locked(ORACLE_ROOT / f"flyte-{FLYTE_VERSION}.lock"):
-        if marker.is_file() and marker.read_text() == _spec() and (venv / "bin" / "a0").exists():
-            return venv
-        if venv.exists():
-            _say(f"discarding incomplete or stale venv {venv}")
-            shutil.rmtree(venv)
-        started = time.monotonic()
-        _say(f"creating venv {venv} (one-off, about 1-2 minutes; pip log: {log})")
-        with open(log, "w") as out:
-            steps = [
-                [sys.executable, "-m", "venv", str(venv)],
-                [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
-                 f"flyte=={FLYTE_VERSION}", "-e", f"{REPO_ROOT}[s3]"],
-            ]
-            for cmd in steps:
-                _say("running " + " ".join(cmd))
-                out.write(f"$ {' '.join(cmd)}\n")
-                out.flush()
-                rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                    env=subprocess_env(repo_importable=False)).returncode
-                if rc != 0:
-                    raise RuntimeError(f"oracle venv step failed (exit {rc}): {' '.join(cmd)}\n{log.read_text()[-4000:]}")
-        marker.write_text(_spec())
-        _say(f"venv ready in {time.monotonic() - started:.0f}s")
-        return venv
+    """The flyte oracle venv: flyte and this project (editable, with s3fs) in one resolver pass."""
+    return build_venv(f"flyte-{FLYTE_VERSION}", [f"flyte=={FLYTE_VERSION}", "-e", f"{REPO_ROOT}[s3]"], _spec(), ready="a0")
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,8 @@ def _spec() -> str:
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
+def locked(path: Path):
+    """An exclusive file lock: concurrent test runs build a shared venv or image once."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -67,13 +68,17 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_venv() -> Path:
-    """Create (or reuse) the oracle venv; returns its directory. Raises on any failure."""
-    venv = ORACLE_ROOT / f"flytekit-{FLYTEKIT_VERSION}"
+def build_venv(name: str, packages: list[str], spec: str, ready: str = "python") -> Path:
+    """Create (or reuse) ORACLE_ROOT/<name> with `packages` in one pip resolver pass.
+
+    A marker holding `spec` is written only when everything succeeded, so a half-made or stale venv
+    (another SDK version, a changed pyproject) is rebuilt. Raises on any failure, never skips.
+    """
+    venv = ORACLE_ROOT / name
     marker = venv / ".oracle-complete"
-    log = ORACLE_ROOT / f"flytekit-{FLYTEKIT_VERSION}.log"
-    with _locked(ORACLE_ROOT / f"flytekit-{FLYTEKIT_VERSION}.lock"):
-        if marker.is_file() and marker.read_text() == _spec() and (venv / "bin" / "python").exists():
+    log = ORACLE_ROOT / f"{name}.log"
+    with locked(ORACLE_ROOT / f"{name}.lock"):
+        if marker.is_file() and marker.read_text() == spec and (venv / "bin" / ready).exists():
             return venv
         if venv.exists():
             _say(f"discarding incomplete or stale venv {venv}")
@@ -83,10 +88,7 @@ def ensure_venv() -> Path:
         with open(log, "w") as out:
             steps = [
                 [sys.executable, "-m", "venv", str(venv)],
-                [
-                    str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
-                    f"flytekit=={FLYTEKIT_VERSION}", "-e", str(REPO_ROOT),
-                ],
+                [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", *packages],
             ]
             for cmd in steps:
                 _say("running " + " ".join(cmd))
@@ -96,9 +98,14 @@ def ensure_venv() -> Path:
                 if rc != 0:
                     tail = log.read_text()[-4000:]
                     raise RuntimeError(f"oracle venv step failed (exit {rc}): {' '.join(cmd)}\n{tail}")
-        marker.write_text(_spec())
+        marker.write_text(spec)
         _say(f"venv ready in {time.monotonic() - started:.0f}s")
         return venv
+
+
+def ensure_venv() -> Path:
+    """The flytekit oracle venv: flytekit and this project (editable) in one resolver pass."""
+    return build_venv(f"flytekit-{FLYTEKIT_VERSION}", [f"flytekit=={FLYTEKIT_VERSION}", "-e", str(REPO_ROOT)], _spec())
 
 
 @dataclass
