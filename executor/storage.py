@@ -1,4 +1,5 @@
-"""Object storage access: plain paths and file:// natively, everything else through fsspec.
+"""Object storage access: plain paths and file:// natively, s3:// through obstore (or s3fs),
+everything else through fsspec.
 
 Public surface (the rest of the executor uses only these):
     read_bytes(uri) -> bytes
@@ -11,7 +12,8 @@ Public surface (the rest of the executor uses only these):
     upload_dir(local_dir, uri)      every file under the directory, recursively
     StorageError(uri, message, transient) / StorageNotFound
 
-Local paths never import fsspec: the cold start is a product feature. Remote protocols import
+Local paths never import fsspec: the cold start is a product feature. s3:// imports obstore
+(≈ 5 ms; executor/obstore_s3.py says when s3fs is used instead), other remote protocols import
 fsspec and the protocol's package (s3fs ≈ 300 ms, gcsfs ≈ 550 ms) on first use, and tenacity
 only once a request has failed transiently. User-facing documentation: docs/storage.md.
 """
@@ -32,6 +34,9 @@ class StorageError(Exception):
         self.message = message
         self.transient = transient
 
+    def __reduce__(self):  # picklable: it may come back from a forked attempt
+        return StorageError, (self.uri, self.message, self.transient)
+
 
 class StorageNotFound(StorageError):
     def __init__(self, uri: str):
@@ -40,6 +45,9 @@ class StorageNotFound(StorageError):
             "no such object (check the URI, and that the step that should have written it succeeded)",
             transient=False,
         )
+
+    def __reduce__(self):
+        return StorageNotFound, (self.uri,)
 
 
 def join(prefix: str, *parts: str) -> str:
@@ -156,10 +164,11 @@ def download_hashed(uri: str, local_path: str, durable: bool = True) -> tuple[st
     threshold = int(os.environ.get("EXECUTOR_PARALLEL_DOWNLOAD_BYTES", 64 << 20))
     part = int(os.environ.get("EXECUTOR_DOWNLOAD_PART_BYTES", 16 << 20))
 
+    fs = _filesystem(uri)
+    path = fs._strip_protocol(uri)
+
     def attempt(timeout: float) -> tuple[str, str | None]:
         # Not _atomic_local_write: a network error mid-stream must reach the retry policy as itself.
-        fs = _filesystem(uri)
-        path = fs._strip_protocol(uri)
         info = fs.info(path)
         size = int(info.get("size") or 0)
         hasher = hashlib.md5()
@@ -185,7 +194,7 @@ def download_hashed(uri: str, local_path: str, durable: bool = True) -> tuple[st
             if tmp is not None:
                 _remove_quietly(tmp)
 
-    return _with_retries(uri, "download", attempt)
+    return _with_retries(uri, "download", _placed(fs, attempt))
 
 
 class _Truncated(ConnectionError):
@@ -440,21 +449,36 @@ def _filesystem(uri: str):
         _filesystems.clear()
         _filesystems_pid = os.getpid()
     protocol = uri.split("://", 1)[0]
-    options = _options(protocol)
-    key = (protocol, repr(sorted(options.items())))
+    use_obstore = protocol in ("s3", "s3a") and _s3_client(uri) == "obstore"
+    if use_obstore:
+        from executor import obstore_s3
+
+        options = obstore_s3.settings(request_timeout=_RetrySettings.from_env(uri).deadline)
+    else:
+        options = _options(protocol)
+    key = (protocol, use_obstore, repr(sorted(options.items())))
     fs = _filesystems.get(key)
     if fs is None:
         try:
-            fs = _filesystem_class(protocol)(**options)
+            fs = obstore_s3.ObstoreS3(**options) if use_obstore else _filesystem_class(protocol)(**options)
         except ImportError as e:
             hint = _MISSING_PACKAGE_HINT.get(protocol, f"install the fsspec package for '{protocol}://'")
             raise StorageError(uri, f"support for {protocol}:// is not installed ({e}); {hint}") from e
         except ValueError as e:
             raise StorageError(uri, f"unsupported URI scheme '{protocol}://' ({e})") from e
-        if protocol in ("s3", "s3a"):
+        if protocol in ("s3", "s3a") and not use_obstore:
             fs.retries = 1  # s3fs's own retry loop; ours is the only one (see _s3_options)
         _filesystems[key] = fs
     return fs
+
+
+def _s3_client(uri: str) -> str:
+    from executor import obstore_s3
+
+    try:
+        return obstore_s3.client()
+    except ValueError as e:
+        raise StorageError(uri, str(e)) from e
 
 
 def _call(fs, method: str, args: tuple, kwargs: dict, timeout: float):
@@ -472,7 +496,21 @@ def _remote(uri: str, action: str, method: str, *args, path_last: bool = False, 
     fs = _filesystem(uri)
     path = fs._strip_protocol(uri)
     call_args = (*args, path) if path_last else (path, *args)
-    return _with_retries(uri, action, lambda timeout: _call(fs, method, call_args, kwargs, timeout))
+    return _with_retries(uri, action, _placed(fs, lambda timeout: _call(fs, method, call_args, kwargs, timeout)))
+
+
+def _placed(fs, attempt: Callable[[float], object]) -> Callable[[float], object]:
+    """The attempt, run where the filesystem says (obstore: maybe in a forked process)."""
+    run_attempt = getattr(fs, "run_attempt", None)
+    return attempt if run_attempt is None else (lambda timeout: run_attempt(attempt, timeout))
+
+
+def forks_children() -> None:
+    """Say that this process forks workers that use storage: keeps state that does not survive a
+    fork (obstore's runtime) out of this process."""
+    from executor import obstore_s3
+
+    obstore_s3.forks_children()
 
 
 # ---------------------------------------------------------------------------------------------

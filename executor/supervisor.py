@@ -16,7 +16,7 @@ import random
 import signal
 import time
 
-from executor import execute, logs, watch
+from executor import execute, logs, storage, watch
 from executor.errors import Diagnostics, TaskFailure
 from executor.invocation import Invocation, Result
 
@@ -65,13 +65,16 @@ def log_retry(failure: TaskFailure, attempt_no: int, spec, delay: float) -> None
 def supervise(invocation: Invocation) -> Result:
     diagnostics = Diagnostics()
     task_name = " ".join(invocation.resolver_args)
+    forking = os.environ.get("EXECUTOR_ISOLATION", "fork") != "none"
+    if forking:
+        storage.forks_children()
     try:
         spec = load_spec(invocation, diagnostics)
         execute.prepare_bundle(invocation, diagnostics)
         invocation = dataclasses.replace(invocation, bundle=None)  # children inherit sys.path
     except TaskFailure as failure:
         return execute.finish(invocation, execute.Attempt("failure", task_name, failure), diagnostics)
-    if os.environ.get("EXECUTOR_ISOLATION", "fork") == "none":
+    if not forking:
         if spec.timeout_seconds:
             logs.warning("EXECUTOR_ISOLATION=none: the timeout is not enforced", timeout_s=spec.timeout_seconds)
         attempt = execute.run_attempt(invocation, diagnostics)

@@ -265,7 +265,9 @@ def test_persistent_storm_gives_bundle_fetch(tmp_path, inputs, moto_s3, fault_pr
     run = _run(_fast_args(uri, inputs, prefix, tmp_path / "root"), tmp_path / "cache", env=env)
     assert run.returncode == 0, run.stderr
     err = _error(prefix)
-    assert err.code == "BUNDLE_FETCH" and err.kind == 1 and "SlowDown" in err.message
+    assert err.code == "BUNDLE_FETCH" and err.kind == 1
+    # s3fs names the S3 error code; obstore's first request is a HEAD, whose 503 has no body.
+    assert "SlowDown" in err.message or "HEAD answered 503" in err.message
     assert "Traceback" not in err.message  # a storage failure is its message, not library frames
 
 
