@@ -175,6 +175,16 @@ class ObstoreS3:
             result = obstore.get(store, key)
         return _Reader(result.stream(min_chunk_size=block_size))
 
+    def open_with_info(self, path: str) -> tuple["_Reader", dict]:
+        """One GET: a reader of the body, and the size and ETag that came with it."""
+        import obstore
+
+        store, key = self._store_and_key(path)
+        with _translated_errors():
+            result = obstore.get(store, key)
+        meta = result.meta
+        return _Reader(result.stream(min_chunk_size=1 << 20)), {"size": meta["size"], "ETag": meta.get("e_tag") or ""}
+
     def find(self, path: str) -> list[str]:
         import obstore
 
@@ -200,11 +210,14 @@ class _Reader:
         with _translated_errors():
             return next(self._stream, b"")
 
+    def close(self) -> None:
+        self._stream = iter(())  # dropping obstore's stream ends the request
+
     def __enter__(self) -> "_Reader":
         return self
 
     def __exit__(self, *_exc) -> None:
-        self._stream = iter(())
+        self.close()
 
 
 class ObjectStoreHTTPError(Exception):

@@ -169,16 +169,19 @@ def download_hashed(uri: str, local_path: str, durable: bool = True) -> tuple[st
 
     def attempt(timeout: float) -> tuple[str, str | None]:
         # Not _atomic_local_write: a network error mid-stream must reach the retry policy as itself.
-        info = fs.info(path)
+        # obstore answers size and ETag with the body of one GET; s3fs and gcsfs need a HEAD first.
+        reader, info = fs.open_with_info(path) if hasattr(fs, "open_with_info") else (None, fs.info(path))
         size = int(info.get("size") or 0)
         hasher = hashlib.md5()
         tmp = _temp_path(local_path)
         try:
             with open(tmp, "wb") as out:
                 if size >= threshold:
+                    if reader is not None:
+                        reader.close()  # big: fetched again as parallel ranges
                     _ranged_copy(fs, path, size, part, out, hasher)
                 else:
-                    with fs.open(path, "rb", block_size=8 << 20) as reader:
+                    with reader or fs.open(path, "rb", block_size=8 << 20) as reader:
                         while chunk := reader.read(1 << 20):
                             hasher.update(chunk)
                             out.write(chunk)
