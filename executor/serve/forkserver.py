@@ -23,6 +23,7 @@ Signals (one table):
 from __future__ import annotations
 
 import dataclasses
+import faulthandler  # noqa: F401 - every child registers it (watch.become_supervised): imported once, here
 import gc
 import os
 import shutil
