@@ -168,8 +168,8 @@ class Serve:
             time.sleep(0.02)
 
     def cpu_split(self) -> dict:
-        """CPU seconds so far: the server process, its fork servers, and their children (runners,
-        isolated children: those reaped, and those alive now)."""
+        """CPU seconds so far: the server process, its fork servers, and their children (runners, the
+        zygote, isolated children: those reaped, and those alive now)."""
         import psutil
 
         main = psutil.Process(self.proc.pid)
@@ -179,8 +179,8 @@ class Serve:
             out["fork servers"] += t.user + t.system
             out["children"] += t.children_user + t.children_system
             for c in f.children():
-                try:
-                    out["children"] += sum(c.cpu_times()[:2])
+                try:  # with what it reaped: the zygote forks (and reaps) the isolated children
+                    out["children"] += sum(c.cpu_times()[:4])
                 except psutil.Error:
                     pass
         return out
