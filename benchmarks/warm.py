@@ -168,8 +168,8 @@ class Serve:
             time.sleep(0.02)
 
     def cpu_split(self) -> dict:
-        """CPU seconds so far: the server process, its fork servers, and their children (runners,
-        isolated children: those reaped, and those alive now)."""
+        """CPU seconds so far: the server process, its fork servers, and their children (runners, the
+        zygote, isolated children: those reaped, and those alive now)."""
         import psutil
 
         main = psutil.Process(self.proc.pid)
@@ -179,8 +179,8 @@ class Serve:
             out["fork servers"] += t.user + t.system
             out["children"] += t.children_user + t.children_system
             for c in f.children():
-                try:
-                    out["children"] += sum(c.cpu_times()[:2])
+                try:  # with what it reaped: the zygote forks (and reaps) the isolated children
+                    out["children"] += sum(c.cpu_times()[:4])
                 except psutil.Error:
                     pass
         return out
@@ -298,7 +298,7 @@ def report(rows: dict, facts: dict, command: str, store: str, load: tuple[float,
         "Latency is one invocation at a time, each a single HTTP round trip (`POST /invocations?wait=60`, keep-alive)",
         "from the client's send to the finished result (cold: spawn to exit); \"server p50\" is the server's own",
         "accepted-to-finished time. Throughput is concurrent clients for a fixed number of invocations; \"CPU per",
-        "invocation\" is what the server and everything under it (fork servers, runners, children) spent. Every",
+        "invocation\" is what the server and everything under it (fork servers, runners, zygotes, children) spent. Every",
         "invocation counts only if its outputs.pb holds a + b. The store is tmpfs, so the runtime is measured and",
         "not the disk (an fsync'd write costs ~7 ms on this VM's disk).",
         "",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from types import FunctionType
 
 from executor.errors import TaskFailure
 from executor.invocation import DEFAULT_RESOLVER, FLYTE2_RESOLVER, MAP_RESOLVER, Invocation, MapSpec
@@ -29,8 +30,21 @@ def load(invocation: Invocation):
 def _put_cwd_on_path() -> None:
     # As flytekit does: the working directory is importable, after everything already on sys.path.
     cwd = os.getcwd()
-    if all(os.path.realpath(p or ".") != cwd for p in sys.path):
+    if all(_realpath(p) != cwd for p in sys.path):
         sys.path.append(cwd)
+
+
+_realpaths: dict[str, str] = {}
+
+
+def _realpath(entry: str) -> str:
+    """realpath of a sys.path entry; an absolute one's is remembered (a warm pool checks the same entries
+    for every invocation, each a dozen lstat calls), a relative one depends on the cwd."""
+    if not os.path.isabs(entry):
+        return os.path.realpath(entry or ".")
+    if entry not in _realpaths:
+        _realpaths[entry] = os.path.realpath(entry)
+    return _realpaths[entry]
 
 
 def _load_default(args: tuple[str, ...]):
@@ -117,6 +131,11 @@ def _is_flytekit_task(obj) -> bool:
     return any(cls.__module__.startswith("flytekit.") for cls in type(obj).__mro__)
 
 
+# A plain function's signature read once per process: a warm pool reads it before forking, and each
+# forked child (or in-process invocation) then reuses it instead of re-reading the annotations.
+_plain_runnables: dict = {}
+
+
 def _runnable(obj, name: str, invocation: Invocation, map_spec: MapSpec | None):
     if _is_flytekit_task(obj):
         from executor.runnables.flytekit_task import FlytekitTask
@@ -125,9 +144,15 @@ def _runnable(obj, name: str, invocation: Invocation, map_spec: MapSpec | None):
             return FlytekitTask.load_map(invocation, name)
         return FlytekitTask(obj, name, invocation)
     if callable(obj):
+        cacheable = map_spec is None and type(obj) is FunctionType
+        if cacheable and (obj, name) in _plain_runnables:
+            return _plain_runnables[obj, name]
         from executor.runnables.plain import PlainFunction
 
-        return PlainFunction.from_callable(obj, name, map_spec)
+        runnable = PlainFunction.from_callable(obj, name, map_spec)
+        if cacheable:
+            _plain_runnables[obj, name] = runnable
+        return runnable
     raise TaskFailure("IMPORT", f"{name} is a {type(obj).__name__}, not a task or a function")
 
 

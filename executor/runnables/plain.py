@@ -34,6 +34,7 @@ class PlainFunction:
     map_spec: MapSpec | None = None
     kind: str = "plain function"
     _codec_ctx: literals.Context | None = None
+    _output_types: dict | None = None
 
     @classmethod
     def from_callable(cls, fn, name: str, map_spec: MapSpec | None = None) -> "PlainFunction":
@@ -118,9 +119,11 @@ class PlainFunction:
             ) from None
 
     def output_literal_types(self) -> dict:
-        from executor.literals.types import literal_type
+        if self._output_types is None:  # the same every attempt: built once (a warm pool builds it before forking)
+            from executor.literals.types import literal_type
 
-        return {name: literal_type(tp) for name, tp in self.outputs}
+            self._output_types = {name: literal_type(tp) for name, tp in self.outputs}
+        return self._output_types
 
     def encode_outputs(self, value) -> dict:
         if not self.outputs:

@@ -23,6 +23,7 @@ Signals (one table):
 from __future__ import annotations
 
 import dataclasses
+import faulthandler  # noqa: F401 - every child registers it (watch.become_supervised): imported once, here
 import gc
 import os
 import shutil
@@ -36,6 +37,7 @@ from executor.serve import isolation
 from executor.serve import runner as runner_module
 from executor.serve.channel import Channel, Closed
 from executor.serve.runner import Runner
+from executor.serve.zygote import Zygote
 
 SIGNALS = {
     signal.SIGCHLD: "wake the loop and reap: attempt children, runners, and (as a subreaper) orphans of tasks",
@@ -45,6 +47,7 @@ SIGNALS = {
 __doc__ += "\n".join(f"    {signal.Signals(s).name:<8} {what}" for s, what in SIGNALS.items())
 
 LOST_SERVER = ("the executor server went away", None)
+MAX_SPARES = 8  # isolated children kept forked ahead of need, at most
 
 
 def task_module(invocation) -> str | None:
@@ -95,6 +98,8 @@ class ForkServer:
         self.busy: dict[int, Job] = {}  # pid -> the job whose attempt runs in it now
         self.runners: dict[int, Runner] = {}
         self.spares: list[Runner] = []
+        self.zygote: Zygote | None = None  # forks the spares (executor.serve.zygote)
+        self.awaiting: list[Job] = []  # isolated jobs waiting for the zygote's next spare
         self.template = None  # the last invocation launched: what a spare rehearses
         self.warm = False
         self.bundle_root: str | None = None
@@ -130,12 +135,16 @@ class ForkServer:
                     self._read_channel()
                 elif owner == "wake":
                     self._drain_wakeups()
+                elif owner == "zygote":
+                    self._read_zygote()
                 else:
                     self._on_proc_readable(owner, fd)
             self._reap()
             self._refill_spares()
         for runner in self.runners.values():
             runner.retire()
+        if self.zygote is not None:
+            self.zygote.close()
 
     def _on_sigterm(self, signum, frame) -> None:
         self.sigterm = True  # acted on in the loop (the wakeup fd woke it)
@@ -145,6 +154,8 @@ class ForkServer:
         of idle children (a spare or a finished child is otherwise only heard of when it is reaped)."""
         owners: dict = {} if self.server_lost else {self.channel.fileno(): "channel"}
         owners[self.wake_r] = "wake"
+        if self.zygote is not None:
+            owners[self.zygote.fileno()] = "zygote"
         for pid, proc in self.procs.items():
             job = self.busy.get(pid)
             if job is not None:
@@ -233,15 +244,56 @@ class ForkServer:
                 return
             if pid == 0:
                 return
-            proc = self.procs.get(pid)
-            if proc is None:
-                continue  # an orphan of some task, re-parented to us (subreaper): reaped
-            job = self.busy.get(pid)
-            if job is not None and job.attempt is not None:
-                job.attempt.on_exit(status, rusage, time.monotonic())
-            else:  # a child whose attempt is over, a spare, an idle runner: gone, with its last output
-                proc.exited_at(status, rusage, time.monotonic())
-                self._forget_proc(pid)
+            self._on_exit(pid, status, rusage)
+
+    def _on_exit(self, pid: int, status: int, rusage) -> None:
+        """A child of ours (or of the zygote) was reaped."""
+        proc = self.procs.get(pid)
+        if proc is None:
+            return  # an orphan of some task, re-parented to us (subreaper), or the zygote: reaped
+        job = self.busy.get(pid)
+        if job is not None and job.attempt is not None:
+            job.attempt.on_exit(status, rusage, time.monotonic())
+        else:  # a child whose attempt is over, a spare, an idle runner: gone, with its last output
+            proc.exited_at(status, rusage, time.monotonic())
+            self._forget_proc(pid)
+
+    def _read_zygote(self) -> None:
+        event = self.zygote.receive()
+        if event is None:
+            self._lose_zygote()
+        elif event[0] == "spare":
+            runner = event[1]
+            self.procs[runner.proc.pid] = runner.proc
+            self.runners[runner.proc.pid] = runner
+            if self.exiting and not self.awaiting:
+                runner.retire()
+            else:
+                self.spares.append(runner)
+                if self.awaiting:
+                    self._launch_awaiting(self.awaiting.pop(0))
+        else:
+            _, pid, status, rusage = event
+            self._on_exit(pid, status, rusage)
+
+    def _launch_awaiting(self, job: Job) -> None:
+        logs._context = {"invocation": job.id}
+        try:
+            self._launch(job)
+        finally:
+            logs._context = {}
+
+    def _lose_zygote(self) -> None:
+        """Its children were killed with it and re-parented to us: we reap them. One it had reaped but not
+        yet reported has an exit status nobody can tell us."""
+        self.zygote.close()
+        self.zygote = None
+        for pid, proc in list(self.procs.items()):
+            if not proc.exited and not _exists(pid):
+                self._on_exit(pid, watch.LOST, None)
+        awaiting, self.awaiting = self.awaiting, []
+        for job in awaiting:  # forked here instead
+            self._launch_awaiting(job)
 
     def _close_drained(self, now: float) -> None:
         """Children that are gone and run nothing now: their last output relayed, their pipes closed."""
@@ -352,7 +404,12 @@ class ForkServer:
         elif job.view.redactions:  # its output is relayed (redacted): a child made for it
             runner = self._fork_runner(one_shot=True, relay=True)
         else:
-            runner = self._take_spare() or self._fork_runner(one_shot=True, relay=False)
+            runner = self._take_spare()
+            if runner is None and self.zygote is not None:  # one is on its way: cheaper than forking here
+                self.awaiting.append(job)
+                self.template = job.invocation
+                return
+            runner = runner or self._fork_runner(one_shot=True, relay=False)
         message = {"view": job.view, "invocation": job.invocation, "attempt_no": job.attempt_no,
                    "prev_checkpoint": job.prev_checkpoint, "checkpoint_local": job.checkpoint_local}
         try:
@@ -388,6 +445,11 @@ class ForkServer:
                     logs.warning("asked to stop: sending SIGTERM to the task", reason=message,
                                  grace_s=job.spec.grace_seconds if grace is None else grace)
                 job.attempt.stop(message, hint, time.monotonic(), grace)
+            elif job in self.awaiting:  # waiting for a spare: it never starts
+                self.awaiting.remove(job)
+                failure = TaskFailure("PREEMPTED", f"{message} before it started", hint=hint)
+                failure.phase = "queue"
+                self._finish(job, execute.Attempt("failure", job.task_name, failure))
             elif job.retry_at is not None:  # waiting to retry: stop here
                 job.retry_at = None
                 failure = TaskFailure("PREEMPTED", f"{message} while waiting to retry "
@@ -486,11 +548,19 @@ class ForkServer:
         return None
 
     def _refill_spares(self) -> None:
-        """Keep one isolated child forked ahead of need: the fork, its set-up and a rehearsal of the
-        attempt's code leave the invocation's path."""
+        """Keep isolated children forked ahead of need, one more than run now: the fork, its set-up and a
+        rehearsal of the attempt's code leave the invocation's path. The zygote forks them."""
         self.spares = [r for r in self.spares if not r.proc.exited]
-        if self.warm and not self.exiting and not self.spares and self.template is not None:
-            self.spares.append(self._fork_runner(one_shot=True, relay=False, rehearse=self.template))
+        if not self.warm or self.template is None or (self.exiting and not self.awaiting):
+            return
+        if self.zygote is None:
+            self.zygote = Zygote(close=self._own_fds(), forget=lambda: self._forget_everything_but(None))
+        running = sum(1 for job in self.busy.values() if job.runner is not None and job.runner.one_shot)
+        want = (0 if self.exiting else min(MAX_SPARES, 1 + running)) + len(self.awaiting)
+        # A spare someone already waits for skips the rehearsal: it would only make them wait longer.
+        template = None if self.awaiting else self.template
+        for _ in range(want - len(self.spares) - self.zygote.pending):
+            self.zygote.request_spare(template, self.work_dir)
 
     def _fork_runner(self, one_shot: bool, relay: bool, rehearse=None) -> Runner:
         runner = runner_module.fork(one_shot=one_shot, relay=relay, close=self._own_fds(),
@@ -509,6 +579,8 @@ class ForkServer:
         for proc in self.procs.values():
             fds += [proc.report_r, proc.journal_r, proc.dump_r] + (proc.relay.fds() if proc.relay else [])
         fds += [runner.job_w for runner in self.runners.values()]
+        if self.zygote is not None:
+            fds.append(self.zygote.fileno())
         return [fd for fd in set(fds) if fd >= 0]
 
     def _forget_everything_but(self, job: Job | None) -> None:
@@ -550,6 +622,16 @@ def _preload(invocation) -> None:
         importlib.import_module("flytekit.bin.entrypoint")  # what a flytekit task's session imports
     if hasattr(runnable, "output_literal_types"):
         runnable.output_literal_types()
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def _remove_tree(root: str) -> None:

@@ -89,7 +89,7 @@ def _loop(job_r: int, reporter: watch.Reporter, one_shot: bool) -> None:
             return
         view: isolation.View = message["view"]
         isolation.enter(view)
-        extra = None if one_shot else (lambda: {"rss": isolation.current_rss(), "peak_rss": isolation.current_rss()})
+        extra = None if one_shot else _runner_memory
         try:
             watch.run_reported_attempt(
                 reporter, message["invocation"], attempt_no=message["attempt_no"],
@@ -103,6 +103,11 @@ def _loop(job_r: int, reporter: watch.Reporter, one_shot: bool) -> None:
                 execute.phase_listener = None
         if one_shot:
             return
+
+
+def _runner_memory() -> dict:
+    rss = isolation.current_rss()
+    return {"rss": rss, "peak_rss": rss}
 
 
 def _rehearse(invocation, scratch_dir: str) -> None:
