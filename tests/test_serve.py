@@ -596,7 +596,7 @@ def test_flytekit_task_warm_matches_its_one_shot_run(tmp_path, flytekit_oracle):
                 assert proc.returncode == 0, proc.stderr
             else:
                 record = s.run(body, timeout=300)
-                assert record["result"]["outcome"] == "success", record
+                assert record["result"]["outcome"] == "success", (record["result"], s.log()[-3000:])
                 assert record["result"]["task"].endswith("(flytekit task)")
         cold = (tmp_path / "cold" / "out" / "outputs.pb").read_bytes()
         for name in ("warm-fork", "warm-inprocess"):
@@ -606,3 +606,28 @@ def test_flytekit_task_warm_matches_its_one_shot_run(tmp_path, flytekit_oracle):
         assert "flytekit task sees [redacted]" in s.log() and SECRET not in s.log()
     finally:
         s.kill()
+
+
+# --- object storage -----------------------------------------------------------------------------
+
+
+def test_invocations_on_s3_in_forked_children_and_in_process(server, tmp_path, moto_s3):
+    """The fork server reads the template from S3 itself and its children write outputs there: the S3
+    client's runtime (obstore: tokio, which does not survive fork) must not be inherited broken."""
+    from flyteidl.core import literals_pb2
+
+    from tests.helpers import pyflyte_execute_args, write_inputs
+
+    bucket = moto_s3.make_bucket()
+    moto_s3.put(bucket, "t.pb", _template(tmp_path / "t.pb", env={"FROM_TEMPLATE": "s3"}).read_bytes())
+    s = server()
+    runs = [("iso-1", "fork"), ("iso-2", "fork"), ("iso-3", "fork"), ("inproc-1", "inprocess"), ("inproc-2", "inprocess")]
+    for n, (name, isolation) in enumerate(runs):
+        inputs = write_inputs(tmp_path / name / "inputs.pb", {"a": n, "b": 100}, {"a": int, "b": int})
+        moto_s3.put(bucket, f"{name}/inputs.pb", inputs.read_bytes())
+        argv = pyflyte_execute_args(f"s3://{bucket}/{name}/inputs.pb", f"s3://{bucket}/{name}/out", TASKS, "add",
+                                    extra=["--task-template", f"s3://{bucket}/t.pb"])
+        record = s.run({"id": name, "argv": argv, "env": moto_s3.env, "isolation": isolation}, timeout=60)
+        assert record["result"]["outcome"] == "success", (record["result"], s.log()[-3000:])
+        outputs = literals_pb2.LiteralMap.FromString(moto_s3.get(bucket, f"{name}/out/outputs.pb"))
+        assert outputs.literals["o0"].scalar.primitive.integer == n + 100

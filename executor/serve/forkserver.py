@@ -655,6 +655,9 @@ def main(argv: list[str] | None = None) -> None:
     from executor import loader
 
     loader._put_cwd_on_path()  # as the one-shot path: the working directory is importable
+    from executor import storage
+
+    storage.forks_children()  # its children use storage too: keep obstore's runtime out of here
     os.makedirs(config["work_dir"], exist_ok=True)
     server = ForkServer(channel, config)
     server.serve()
