@@ -53,6 +53,10 @@ _CLASSES = [
 TAXONOMY: dict[str, FailureClass] = {c.code: c for c in _CLASSES}
 
 
+class IgnoreOutputsRequested(Exception):
+    """The task raised flytekit's IgnoreOutputs: write nothing (distributed training workers)."""
+
+
 class TaskFailure(Exception):
     """A classified failure. Raised anywhere in the pipeline; turned into exactly one error document."""
 
@@ -220,7 +224,7 @@ def _traceback_helps(failure: TaskFailure) -> bool:
     """Storage and bundle failures are explained by their message; their frames are library plumbing."""
     if failure.code in ("BUNDLE_FETCH", "BUNDLE_INTEGRITY", "BUNDLE_UNSAFE", "OUTPUT_UPLOAD", "SECRET_MISSING"):
         return False
-    return type(failure.cause).__name__ not in ("StorageError", "StorageNotFound")
+    return not getattr(failure.cause, "explains_itself", False)
 
 
 def render_message(failure: TaskFailure, task: str, diagnostics: Diagnostics) -> str:

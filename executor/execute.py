@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from executor import logs, storage
-from executor.errors import Diagnostics, TaskFailure, render_message
+from executor.errors import Diagnostics, IgnoreOutputsRequested, TaskFailure, render_message
 from executor.invocation import Invocation, Result
 from executor.protocol import OUTPUTS_FILE, for_invocation
 from executor.protocol.offload import offload_large_outputs
@@ -141,7 +141,7 @@ def run_attempt(invocation: Invocation, diagnostics: Diagnostics) -> Attempt:
         # The protocol's retry semantics need the exception itself, so they apply here, in the child.
         return Attempt("failure", task_name, for_invocation(invocation).classify(failure))
     except Exception as e:
-        if type(e).__name__ == "IgnoreOutputsRequested":
+        if isinstance(e, IgnoreOutputsRequested):
             logs.warning("the task raised IgnoreOutputs: no outputs are written", task=task_name)
             return Attempt("ignored", task_name)
         # a bug of ours: still explained, never a bare traceback

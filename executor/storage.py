@@ -28,6 +28,8 @@ from collections.abc import Callable  # not typing/dataclasses: they cost ~10 ms
 class StorageError(Exception):
     """A read or write that failed; `transient` says whether retrying could help."""
 
+    explains_itself = True  # its message says it all: an error document shows no traceback for it
+
     def __init__(self, uri: str, message: str, transient: bool = False):
         super().__init__(f"{uri}: {message}")
         self.uri = uri

@@ -7,13 +7,9 @@ from __future__ import annotations
 
 import contextlib
 
-from executor.errors import TaskFailure, is_marked_recoverable, out_of_memory
+from executor.errors import IgnoreOutputsRequested, TaskFailure, is_marked_recoverable, out_of_memory
 from executor.invocation import Invocation
 from executor.protocol.flyte1 import FUTURES_FILE, OUTPUTS_FILE
-
-
-class IgnoreOutputsRequested(Exception):
-    """The task raised flytekit's IgnoreOutputs: write nothing (distributed training workers)."""
 
 
 class FlytekitTask:
