@@ -49,6 +49,8 @@ def phase(name: str, diagnostics: Diagnostics, default_code: str | None = None):
     except TaskFailure as failure:
         failure.phase = failure.phase or name
         raise
+    except IgnoreOutputsRequested:
+        raise  # not a failure: run_attempt writes nothing for it
     except storage.StorageError as e:
         code = {"upload": "OUTPUT_UPLOAD", "bundle": "BUNDLE_FETCH"}.get(name, "SYSTEM")
         failure = TaskFailure(code, str(e), cause=e)

@@ -342,11 +342,10 @@ def compare_outputs(theirs: Run, ours: Run, decoded: list[dict], expected: Mappi
             assert_uris_under_raw_prefix(ours)
 
 
-def differential(oracle: FlytekitOracle, store: LocalStore | S3Store, tmp_path: Path, family: Family, task: str,
-                 inputs: Mapping[str, Any], expected: Mapping[str, Any], *, deterministic: bool = True,
-                 flytekit_uploads: bool = True, map_bound: tuple[str, ...] | None = None,
-                 extra_env: Mapping[str, str] | None = None) -> None:
-    """Write inputs with flytekit, run flytekit's entrypoint and ours side by side, decode, compare."""
+def run_both(oracle: FlytekitOracle, store: LocalStore | S3Store, tmp_path: Path, family: Family, task: str,
+             inputs: Mapping[str, Any], *, map_bound: tuple[str, ...] | None = None,
+             extra_env: Mapping[str, str] | None = None) -> tuple[Run, Run, dict]:
+    """Write inputs with flytekit, run flytekit's entrypoint and ours side by side; both finished."""
     env = {**store.env, **(extra_env or {})}
     inputs_uri = store.prefix("inputs", "inputs.pb")
     oracle.write_inputs(family.fk_module, task, materialise(inputs, tmp_path / "input-files"), inputs_uri,
@@ -369,6 +368,16 @@ def differential(oracle: FlytekitOracle, store: LocalStore | S3Store, tmp_path: 
     run_env = oracle.env(env)
     theirs.start(run_env), ours.start(run_env)
     theirs.wait(), ours.wait()
+    return theirs, ours, env
+
+
+def differential(oracle: FlytekitOracle, store: LocalStore | S3Store, tmp_path: Path, family: Family, task: str,
+                 inputs: Mapping[str, Any], expected: Mapping[str, Any], *, deterministic: bool = True,
+                 flytekit_uploads: bool = True, map_bound: tuple[str, ...] | None = None,
+                 extra_env: Mapping[str, str] | None = None) -> None:
+    """Run both entrypoints on the same inputs, decode both outputs with flytekit, compare."""
+    theirs, ours, env = run_both(oracle, store, tmp_path, family, task, inputs, map_bound=map_bound,
+                                 extra_env=extra_env)
     for run in (theirs, ours):
         assert_succeeded(run)
     decoded = oracle.decode_outputs(family.fk_module, task, [theirs.outputs_uri, ours.outputs_uri],
@@ -392,6 +401,18 @@ def test_plain_function_matches_flytekit_twin(case: Case, flytekit_oracle: Flyte
     differential(flytekit_oracle, LocalStore(tmp_path / "store"), tmp_path, FAMILIES["plain"], case.task,
                  case.inputs, case.expected, deterministic=case.deterministic,
                  flytekit_uploads=case.flytekit_uploads)
+
+
+def test_ignore_outputs_writes_no_file_like_flytekit(flytekit_oracle: FlytekitOracle, tmp_path: Path):
+    """flytekit's IgnoreOutputs (raised by non-chief workers of distributed training): exit 0, and
+    neither outputs.pb nor error.pb, so only the chief's outputs count."""
+    theirs, ours, _ = run_both(flytekit_oracle, LocalStore(tmp_path / "store"), tmp_path, FAMILIES["flytekit"],
+                               "ignored", {"x": 1})
+    for run in (theirs, ours):
+        assert run.proc.returncode == 0, run.describe()
+        assert run.store.read(run.outputs_uri) is None, run.describe()
+        assert run.store.read(f"{run.prefix}/out/error.pb") is None, run.describe()
+    assert "IgnoreOutputs" in ours.proc.stderr
 
 
 def test_plain_functions_run_without_flytekit():

@@ -111,3 +111,12 @@ def listing(d: FlyteDirectory) -> list[str]:
 @task
 def square(x: int, offset: int) -> int:
     return x * x + offset
+
+
+@task
+def ignored(x: int) -> int:
+    from flytekit.core.base_task import IgnoreOutputs
+
+    if x != 0:  # flytekit insists on a return statement in a task that returns a value
+        raise IgnoreOutputs(f"worker {x} is not the chief")
+    return x
