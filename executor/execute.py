@@ -152,10 +152,19 @@ def run_attempt(invocation: Invocation, diagnostics: Diagnostics) -> Attempt:
 
 def finish(invocation: Invocation, attempt: Attempt, diagnostics: Diagnostics) -> Result:
     """Report a failure as exactly one error document, and log the summary line."""
+    result = report(invocation, attempt, diagnostics)
+    log_summary(result, attempt, diagnostics)
+    return result
+
+
+def report(invocation: Invocation, attempt: Attempt, diagnostics: Diagnostics) -> Result:
+    """A failure as exactly one error document; the result either way."""
     if attempt.failure is not None:
-        result = report_failure(attempt.failure, invocation, attempt.task_name, diagnostics)
-    else:
-        result = Result(attempt.outcome, 0, attempt.written)
+        return report_failure(attempt.failure, invocation, attempt.task_name, diagnostics)
+    return Result(attempt.outcome, 0, attempt.written)
+
+
+def log_summary(result: Result, attempt: Attempt, diagnostics: Diagnostics) -> None:
     logs.info(
         "invocation finished",
         outcome=result.outcome,
@@ -164,7 +173,6 @@ def finish(invocation: Invocation, attempt: Attempt, diagnostics: Diagnostics) -
         **{f"{k}_ms": round(v, 1) for k, v in diagnostics.phases_ms.items()},
         peak_rss_mib=round(diagnostics.peak_rss_bytes / 2**20, 1),
     )
-    return result
 
 
 def run_invocation(invocation: Invocation) -> Result:

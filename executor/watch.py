@@ -183,7 +183,8 @@ def run_reported_attempt(reporter: Reporter, invocation: Invocation, *, attempt_
         **({"EXECUTOR_CHECKPOINT_PATH": invocation.checkpoint_path} if invocation.checkpoint_path else {}),
         **({"EXECUTOR_PREV_CHECKPOINT": prev_checkpoint} if prev_checkpoint else {}),
     })
-    invocation = dataclasses.replace(invocation, prev_checkpoint=prev_checkpoint)
+    if invocation.prev_checkpoint != prev_checkpoint:
+        invocation = dataclasses.replace(invocation, prev_checkpoint=prev_checkpoint)
     execute.phase_listener = reporter.phase
     attempt = execute.run_attempt(invocation, Diagnostics())
     for stream in (sys.stdout, sys.stderr):  # the task's output is in the pipes before its report

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import faulthandler  # noqa: F401 - every child registers it (watch.become_supervised): imported once, here
 import gc
+import itertools
 import os
 import shutil
 import signal
@@ -108,6 +109,7 @@ class ForkServer:
         self.sigterm = False
         self._redaction_refs: dict[str, int] = {}
         self.wake_r, self.wake_w = os.pipe()
+        self._numbers = itertools.count(1)  # makes each invocation's directory name unique in this pool
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -314,7 +316,7 @@ class ForkServer:
 
     def _start(self, message: dict) -> None:
         invocation = message["invocation"]
-        root = os.path.join(self.work_dir, f"{_safe(message['id'])}-{os.urandom(4).hex()}")
+        root = os.path.join(self.work_dir, f"{_safe(message['id'])}-{os.getpid()}-{next(self._numbers)}")
         env = dict(message["env"])
         env["TMPDIR"] = os.path.join(root, "tmp")
         view = isolation.View(message["id"], env, os.path.join(root, "work"), env["TMPDIR"])
@@ -323,6 +325,7 @@ class ForkServer:
         self.jobs[job.id] = job
         logs._context = {"invocation": job.id}
         try:
+            os.mkdir(root)
             isolation.make_dirs(view)
             os.mkdir(job.checkpoint_local)
             if message.get("failure"):  # decided by the server: report it, run nothing
@@ -351,7 +354,8 @@ class ForkServer:
         try:
             if not self.warm:
                 self._warm_up(job)
-            job.invocation = dataclasses.replace(job.invocation, bundle=None)  # the pool's sys.path has it
+            if job.invocation.bundle is not None:
+                job.invocation = dataclasses.replace(job.invocation, bundle=None)  # the pool's sys.path has it
             saved = logs._redactions
             logs._redactions = []
             try:
@@ -514,9 +518,9 @@ class ForkServer:
     def _finish(self, job: Job, attempt: execute.Attempt) -> None:
         if attempt.failure is not None:
             with isolation.environment(job.env, job.view.tmpdir):
-                result = execute.finish(job.invocation, attempt, job.diagnostics)
+                result = execute.report(job.invocation, attempt, job.diagnostics)
         else:
-            result = execute.finish(job.invocation, attempt, job.diagnostics)
+            result = execute.report(job.invocation, attempt, job.diagnostics)
         failure = attempt.failure
         self._send({
             "event": "done", "id": job.id, "rss": isolation.current_rss(), "pid": job.pid,
@@ -534,6 +538,8 @@ class ForkServer:
                 "peak_rss_mib": round(job.diagnostics.peak_rss_bytes / 2**20, 1),
             },
         })
+        # The rest is off the caller's path: the answer went out first.
+        execute.log_summary(result, attempt, job.diagnostics)
         self._remove_redactions(job.view.redactions)
         _remove_tree(job.root)
         del self.jobs[job.id]
@@ -575,7 +581,7 @@ class ForkServer:
     def _own_fds(self) -> list[int]:
         """Descriptors of this fork server that no task may hold (a task holding the channel would
         keep the server from noticing this process is gone)."""
-        fds = [self.channel.fileno(), self.wake_r, self.wake_w]
+        fds = [self.channel.fileno(), self.wake_r, self.wake_w] + isolation.own_fds()
         for proc in self.procs.values():
             fds += [proc.report_r, proc.journal_r, proc.dump_r] + (proc.relay.fds() if proc.relay else [])
         fds += [runner.job_w for runner in self.runners.values()]

@@ -79,8 +79,9 @@ def enter(view: View) -> None:
 
 
 def make_dirs(view: View) -> None:
-    os.makedirs(view.cwd, exist_ok=True)
-    os.makedirs(view.tmpdir, exist_ok=True)
+    """Both fresh, in a directory that exists (one mkdir each: this is on every invocation's path)."""
+    os.mkdir(view.cwd)
+    os.mkdir(view.tmpdir)
 
 
 def _replace_environ(env: dict[str, str]) -> None:
@@ -122,9 +123,24 @@ def _prctl(option: int, value: int) -> None:
         pass
 
 
+_statm: tuple[int, int] = (0, -1)  # (pid, fd of its /proc/<pid>/statm): read once per invocation, opened once
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
 def current_rss() -> int:
+    global _statm
+    pid, fd = _statm
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        if pid != os.getpid():  # first call in this process: an inherited fd would read the parent's (and
+            # was closed after the fork with the forker's other descriptors, see own_fds)
+            _statm = (os.getpid(), -1)
+            fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+            _statm = (os.getpid(), fd)
+        return int(os.pread(fd, 128, 0).split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def own_fds() -> list[int]:
+    """Descriptors this module keeps open (a forked child closes them)."""
+    return [_statm[1]] if _statm[1] >= 0 else []

@@ -19,12 +19,25 @@ from executor import logs
 from executor.serve.channel import Closed, pair
 
 
+_keys: dict = {}  # pool keys of recent invocations' (bundle, pickle, resolver, arguments): one per pool, mostly
+
+
 def pool_key(invocation) -> str:
     """`<bundle digest or "image">:<task module or resolver>`."""
-    from executor.serve.forkserver import task_module
-
     bundle = invocation.bundle
     pickled = getattr(getattr(invocation, "flyte2", None), "pkl_uri", None)
+    cache_key = (bundle, pickled, invocation.resolver, tuple(invocation.resolver_args))
+    key = _keys.get(cache_key)
+    if key is None:
+        if len(_keys) >= 1024:
+            _keys.clear()
+        key = _keys[cache_key] = _pool_key(invocation, bundle, pickled)
+    return key
+
+
+def _pool_key(invocation, bundle, pickled) -> str:
+    from executor.serve.forkserver import task_module
+
     if pickled:  # a0 --pkl: the task is the pickle (loaded by each invocation)
         return f"pkl:{_short_hash(pickled)}"
     if bundle is None:
