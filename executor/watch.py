@@ -459,6 +459,18 @@ def signal_tree(pid: int, signum: int) -> None:
             pass
 
 
+def exited_children():
+    """(pid, wait status, rusage) of each child that has exited, without waiting for any."""
+    while True:
+        try:
+            pid, status, rusage = os.wait4(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status, rusage
+
+
 def wait_readable(fds: list[int], timeout: float) -> list[int]:
     """The descriptors that are readable (or at end of file) within `timeout` seconds. poll, not
     select: a warm server's descriptors may number beyond select's 1024."""

@@ -239,13 +239,7 @@ class ForkServer:
             proc.relay.pump(fd)
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status, rusage = os.wait4(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status, rusage in watch.exited_children():
             self._on_exit(pid, status, rusage)
 
     def _on_exit(self, pid: int, status: int, rusage) -> None:

@@ -116,11 +116,5 @@ def _serve(sock: socket.socket, close: list[int], forget) -> None:
 
 
 def _reap(sock: socket.socket) -> None:
-    while True:
-        try:
-            pid, status, rusage = os.wait4(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    for pid, status, rusage in watch.exited_children():
         sock.send(pickle.dumps(("exit", pid, status, rusage)))
