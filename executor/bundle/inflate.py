@@ -85,26 +85,32 @@ class Inflater:
         self._block, self._at = memoryview(item), 0
         return True
 
+    def _piece(self, size: int) -> memoryview | None:
+        """At most `size` bytes, from the current block; None at the end of the gzip stream."""
+        if self._at == len(self._block) and not self._next_block():
+            return None
+        piece = self._block[self._at: self._at + size]
+        self._at += len(piece)
+        self._offset += len(piece)
+        return piece
+
     def views(self, size: int):
         """Yield the next `size` bytes as memoryviews of the decompressed blocks (no copy)."""
         while size:
-            if self._at == len(self._block) and not self._next_block():
+            piece = self._piece(size)
+            if piece is None:
                 raise EOFError("unexpected end of data")
-            piece = self._block[self._at: self._at + size]
-            self._at += len(piece)
-            self._offset += len(piece)
             size -= len(piece)
             yield piece
 
     def read(self, size: int = -1) -> bytes:
+        """Up to `size` bytes, fewer only at the end of the gzip stream."""
         if size < 0:
             raise ValueError("Inflater reads a known size")
         pieces = []
-        try:
-            for piece in self.views(size):
-                pieces.append(piece)
-        except EOFError:
-            pass  # short read at the end, as a file gives
+        while size and (piece := self._piece(size)) is not None:
+            size -= len(piece)
+            pieces.append(piece)
         return b"".join(pieces)
 
     def tell(self) -> int:
