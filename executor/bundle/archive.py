@@ -6,9 +6,6 @@ UnsafeBundle naming the member; the caller extracts into a staging directory and
 """
 from __future__ import annotations
 
-import datetime
-import fnmatch
-import gzip
 import os
 import shutil
 import stat
@@ -21,7 +18,7 @@ from executor.bundle.digest import ContentHasher, content_digest, list_files
 # flytekit's STANDARD_IGNORE_PATTERNS and the directories it never walks
 STANDARD_IGNORE = ("*.pyc", ".cache", ".cache/*", "__pycache__", "**/__pycache__")
 SKIP_DIRS = frozenset({".git"})
-FIXED_MTIME = datetime.datetime(1980, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
+FIXED_MTIME = 315532800.0  # 1980-01-01 UTC, as flytekit writes it
 
 
 class UnsafeBundle(Exception):
@@ -52,6 +49,8 @@ class Limits:
 
 
 def _ignored(rel: str, patterns: list[str]) -> bool:
+    import fnmatch  # building only: extraction (a pod's cold start) does not pay for it
+
     parts = rel.split(os.sep)
     for pattern in patterns:
         if fnmatch.fnmatch(rel, pattern) or any(fnmatch.fnmatch(p, pattern) for p in parts):
@@ -79,6 +78,8 @@ def _strip(info: tarfile.TarInfo) -> tarfile.TarInfo:
 
 def build(source: str, out_dir: str) -> str:
     """Write `fast<digest>.tar.gz` for `source` into out_dir (same name and digest as flytekit's)."""
+    import gzip
+
     patterns = _ignore_patterns(source)
     files = [rel for rel in list_files(source, SKIP_DIRS) if not _ignored(rel, patterns)]
     digest = content_digest(source, files)
