@@ -34,9 +34,7 @@ class Writers:
         self._queues = [queue.SimpleQueue() for _ in range(lanes)]
         self._threads = [threading.Thread(target=self._lane, args=(q,), name=f"executor-write-{i}", daemon=True)
                          for i, q in enumerate(self._queues)]
-        self._current = self._queues[0]  # lane of the file being handed over
-        for thread in self._threads:
-            thread.start()
+        self._current = 0  # lane of the file being handed over
 
     # --- the caller's side ------------------------------------------------------------------
 
@@ -50,9 +48,10 @@ class Writers:
             self._pending += 1
             self._pending_bytes += size
         if open_args is not None:
-            directory = os.path.dirname(open_args[0])
-            self._current = self._queues[hash(directory) % len(self._queues)]
-        self._current.put((open_args, pieces, last, size))
+            self._current = hash(os.path.dirname(open_args[0])) % len(self._queues)
+            if self._threads[self._current].ident is None:
+                self._threads[self._current].start()  # lanes start with their first file: small bundles use few
+        self._queues[self._current].put((open_args, pieces, last, size))
 
     def wait(self) -> None:
         """Return once everything handed over is written (or raise the first error)."""
@@ -72,10 +71,10 @@ class Writers:
         if exc[0] is not None:
             with self._changed:
                 self._error = self._error or exc[1]  # lanes skip whatever is still queued
-        for q in self._queues:
-            q.put(None)
-        for thread in self._threads:
-            thread.join()
+        for q, thread in zip(self._queues, self._threads):
+            if thread.ident is not None:  # started
+                q.put(None)
+                thread.join()
 
     # --- a lane -----------------------------------------------------------------------------
 
