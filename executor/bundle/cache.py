@@ -195,7 +195,7 @@ class BundleCache:
         return verified, unverified
 
     def _extract(self, download: str, staging: str):
-        from executor.bundle import archive  # only a miss pays for tarfile, gzip and hashlib
+        from executor.bundle import archive  # only a miss pays for tarfile and the extraction threads
 
         try:
             return archive.extract(download, staging)
