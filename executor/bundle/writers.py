@@ -41,16 +41,16 @@ class Writers:
     def submit(self, open_args: tuple | None, pieces: list, size: int, last: bool) -> None:
         """Hand over a file's next pieces (`size` bytes in all): open_args (passed to open_file)
         starts a new file; None continues the previous one; last closes it."""
+        if open_args is not None:
+            self._current = hash(os.path.dirname(open_args[0])) % len(self._queues)
+            if self._threads[self._current].ident is None:
+                self._threads[self._current].start()  # lanes start with their first file: small bundles use few
         with self._changed:
             while self._pending and self._pending_bytes + size > self._budget and self._error is None:
                 self._changed.wait()
             self._raise_error()
             self._pending += 1
             self._pending_bytes += size
-        if open_args is not None:
-            self._current = hash(os.path.dirname(open_args[0])) % len(self._queues)
-            if self._threads[self._current].ident is None:
-                self._threads[self._current].start()  # lanes start with their first file: small bundles use few
         self._queues[self._current].put((open_args, pieces, last, size))
 
     def wait(self) -> None:
