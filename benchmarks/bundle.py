@@ -19,7 +19,8 @@ Per size, shape and storage, three contenders, each a fresh process:
   ours hit    the same ensure() on a cache that already holds the bundle.
 Every run is verified (exit status; the expected hit or miss; the extracted tree holds every file
 of the source with its size) and its data removed before the next; `sync` runs before each
-measured run so that one run's writeback does not land in the next. Contenders run round-robin
+measured run so that one run's writeback does not land in the next, and after deleting a large tree
+the benchmark waits until ext4 reuses its inodes without checking them (see remove_tree). Contenders run round-robin
 (the first one rotating), --runs times below 32 MiB, --mid-runs from 32 MiB, --large-runs from
 256 MiB; below 256 MiB after one unmeasured warm-up each (for ours cold, the run
 that fills the warm cache), from 256 MiB without (the first cold run fills the warm cache). One
@@ -244,6 +245,23 @@ class Store:
 
 # ------------------------------------------------------------------------------------ runs
 
+# ext4 without a journal (as this machine's / is) does not reuse an inode freed in the last 5 s (10 s
+# while its inode table block is dirty): to allocate one it checks every recently freed inode of
+# the block group against the inode table, so right after a run's tree of thousands of files is
+# deleted, every file the next run creates costs about 0.5 ms more, whoever runs next. A pod does
+# not delete thousands of files just before it extracts its bundle (and journaled filesystems skip
+# that check), so after deleting a large tree the benchmark syncs and waits until its inodes are old.
+SETTLE_FILES = 500
+SETTLE_S = 6.0
+
+
+def remove_tree(path: Path, files: int) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    if files >= SETTLE_FILES:
+        os.sync()
+        time.sleep(SETTLE_S)
+
+
 
 class Bench:
     def __init__(self, spawner: Spawner, workdir: Path, plain_python: str):
@@ -295,7 +313,7 @@ class Bench:
             problem = f"exit {code}\n{tail(err)}" if code != 0 else check_tree(dest, manifest, extra={name})
             return Sample(wall, rss, not problem, problem)
         finally:
-            shutil.rmtree(dest, ignore_errors=True)
+            remove_tree(dest, manifest.count)
 
 
 def measure_cell(bench: Bench, cell: Cell, store: Store, manifest: Manifest, runs: int, warm_up: bool,
@@ -310,7 +328,7 @@ def measure_cell(bench: Bench, cell: Cell, store: Store, manifest: Manifest, run
         try:
             return bench.ours(store, uri, root, manifest, expect_hit=False, tag=f"{tag}-{label}", **kw)
         finally:
-            shutil.rmtree(root, ignore_errors=True)
+            remove_tree(root, manifest.count)
 
     def run(contender: str, label: str) -> Sample:
         if contender == "cold":
@@ -343,7 +361,7 @@ def measure_cell(bench: Bench, cell: Cell, store: Store, manifest: Manifest, run
             sample = cold("profile", profile=True)
             cell.profile = _profile_summary(bench, sample)
     finally:
-        shutil.rmtree(warm, ignore_errors=True)
+        remove_tree(warm, manifest.count)
     _say(f"{tag}: cold {_ms(cell.median('cold'))}, baseline {_ms(cell.median('baseline'))}, "
          f"hit {_ms(cell.median('hit'))} (ensure() {_ms(cell.median('hit', 'ensure_s'), 2)})")
 
@@ -454,7 +472,12 @@ executor (tens of ms, which a pod pays once anyway), the local baseline is just 
 "cold ensure() / baseline" compares only the in-process `ensure()` with it. Every run is
 checked (exit status, the expected miss or hit, the name digest and on S3 the ETag verified, and
 the extracted tree holding every source file at its size) and its data removed; `sync` runs before
-each measured run so one run's writeback does not land in the next. Below {LARGE_MIB} MiB: one
+each measured run so one run's writeback does not land in the next. After removing a tree of
+{SETTLE_FILES} files or more, the benchmark syncs and waits {SETTLE_S:g} s: ext4 without a journal (this
+machine's scratch filesystem) checks every inode freed in the last 5–10 s against its inode table
+before it allocates a new one, which made each file the next run created, ours or `tar`'s, cost about
+0.5 ms more. A pod does not delete thousands of files just before it extracts its bundle, and
+journaled filesystems skip that check. Below {LARGE_MIB} MiB: one
 unmeasured warm-up per contender (for ours cold: the run that fills the warm cache), then `--runs`
 rounds (default 10), from {MID_MIB} MiB `--mid-runs` (default 5). From {LARGE_MIB} MiB: no warm-ups (the archive was just written, so it is in
 the page cache anyway; the first measured cold run fills the warm cache), `--large-runs` rounds
@@ -464,11 +487,11 @@ medians. Last, one more cold `ensure()` per shape and storage runs under cProfil
 totals).
 
 Reading the figures: the baseline's `tar xzf` decompresses in a separate `gzip` process, so on
-2 cores decompression overlaps file creation, while ours does both in one thread. moto serves
+2 cores decompression overlaps file creation; ours decompresses in one thread, parses and hashes
+in another and creates files in a few more (see [docs/bundles.md](../docs/bundles.md)). moto serves
 every GET, ranged or not, by copying the whole object out of its store first
 (`FakeKey.value`), so a download split into ranged GETs pays that once per range: on real S3 a
-range costs only its own bytes. Where creating a file is slow (here, ext4 on a virtual disk:
-about 0.2 ms a file when the machine is quiet), it dominates bundles of many small files for every
+range costs only its own bytes. Creating files dominates bundles of many small files for every
 contender.
 
 Targets, printed as PASS/MISS and never asserted (the figures are noisy): on a cold cache ours is
@@ -608,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
                     if built.returncode != 0 or len(archives) != 1:
                         raise SystemExit(f"executor bundle build failed (exit {built.returncode}):\n{built.stderr}")
                     archive = archives[0]
-                    shutil.rmtree(src)
+                    remove_tree(src, manifest.count)
                     for store in by_name.values():
                         if store.name == "local":
                             store.uri[(size_mib, shape)] = str(archive)

@@ -169,3 +169,124 @@ def test_duplicate_member_is_refused(tmp_path):
     dest.mkdir()
     with pytest.raises(UnsafeBundle, match="appears twice"):
         archive.extract(path, str(dest))
+
+
+# --- the pipelined extraction: decompressing thread, writer lanes --------------------------------
+
+
+def _our_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith(("executor-write", "executor-inflate"))]
+
+
+def test_large_member_goes_to_its_lane_in_pieces(tmp_path):
+    big = os.urandom(3 << 20) + b"tail"  # several pieces, not a multiple of the piece size
+    path = _malicious(tmp_path, (_info("a/big.bin"), big), (_info("a/small.py"), b"s = 1\n"), (_info("b/c.py"), b""))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    extracted = archive.extract(path, str(dest))
+    assert (dest / "a/big.bin").read_bytes() == big and (dest / "b/c.py").read_bytes() == b""
+    assert extracted.content_digest == digest.content_digest(str(dest))
+    assert _our_threads() == []
+
+
+def test_error_in_a_writer_lane_is_raised_by_extract_after_every_thread_stopped(tmp_path, monkeypatch):
+    opened = []
+
+    def failing_open(target, mode, name):
+        opened.append(name)
+        if name == "d/f7.py":
+            raise OSError(28, "No space left on device", target)
+        return real_open(target, mode, name)
+
+    real_open = archive._open_member
+    monkeypatch.setattr(archive, "_open_member", failing_open)
+    path = _malicious(tmp_path, *[(_info(f"{d}/f{i}.py"), b"x" * 5000) for d in "abcd" for i in range(20)])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(OSError, match="No space left"):
+        archive.extract(path, str(dest))
+    assert _our_threads() == []
+    files_after = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    assert set(files_after) <= set(opened)  # nothing is written once extract() has returned
+    import time
+
+    time.sleep(0.1)
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == files_after
+
+
+def test_writers_raise_the_first_lane_error_in_the_caller(tmp_path):
+    from executor.bundle.writers import Writers
+
+    def open_file(target, mode):
+        if target.endswith("bad"):
+            raise PermissionError(13, "denied", target)
+        return os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+
+    with pytest.raises(PermissionError):
+        with Writers(open_file, lanes=2) as writers:
+            writers.submit((str(tmp_path / "ok"), 0o644), [b"a", memoryview(b"bc")], 3, last=False)
+            writers.submit(None, [b"d"], 1, last=True)
+            writers.submit((str(tmp_path / "bad"), 0o644), [b"x"], 1, last=True)
+            for i in range(100):  # the error surfaces from a later submit() or from wait()
+                writers.submit((str(tmp_path / f"later{i}"), 0o644), [b"y"], 1, last=True)
+            writers.wait()
+    assert (tmp_path / "ok").read_bytes() == b"abcd"
+    assert _our_threads() == []
+
+
+@pytest.mark.parametrize("damage, error", [
+    (lambda data: data[: len(data) // 2], EOFError),  # truncated
+    (lambda data: data[:-8] + bytes([data[-8] ^ 1]) + data[-7:], ValueError),  # CRC-32 in the gzip trailer
+    (lambda data: data + b"garbage", ValueError),  # neither another gzip member nor zero padding
+])
+def test_damaged_gzip_is_refused(tmp_path, damage, error):
+    path = _malicious(tmp_path, (_info("a.py"), b"a = 1\n"))
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(damage(data))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(error):
+        archive.extract(path, str(dest))
+    assert _our_threads() == []
+
+
+def test_concatenated_gzip_members_and_zero_padding_are_read(tmp_path):
+    import gzip
+
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as t:
+        info = _info("a.py")
+        info.size = 6
+        t.addfile(info, io.BytesIO(b"a = 1\n"))
+    raw = tar.getvalue()
+    path = tmp_path / "multi.tar.gz"
+    path.write_bytes(gzip.compress(raw[:700]) + gzip.compress(raw[700:]) + b"\0" * 100)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    archive.extract(str(path), str(dest))
+    assert (dest / "a.py").read_bytes() == b"a = 1\n"
+
+
+def test_sparse_member_is_refused(tmp_path):
+    path = tmp_path / "sparse.tar.gz"
+    with tarfile.open(path, "w:gz", format=tarfile.GNU_FORMAT) as tar:
+        info = _info("holes.bin", tarfile.GNUTYPE_SPARSE)
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"data"))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UnsafeBundle, match="sparse"):
+        archive.extract(str(path), str(dest))
+
+
+def test_bomb_refusal_stops_the_decompressing_thread(tmp_path):
+    path = _malicious(tmp_path, (_info("zeros.bin"), b"\0" * (64 << 20)), (_info("more.bin"), b"\0" * (64 << 20)))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UnsafeBundle, match="compression ratio"):
+        archive.extract(path, str(dest))
+    assert _our_threads() == []

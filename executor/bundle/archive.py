@@ -6,21 +6,19 @@ UnsafeBundle naming the member; the caller extracts into a staging directory and
 """
 from __future__ import annotations
 
-import datetime
-import fnmatch
-import gzip
 import os
 import shutil
 import stat
 import tarfile
+import zlib
 from dataclasses import dataclass
 
-from executor.bundle.digest import content_digest, list_files
+from executor.bundle.digest import ContentHasher, content_digest, list_files
 
 # flytekit's STANDARD_IGNORE_PATTERNS and the directories it never walks
 STANDARD_IGNORE = ("*.pyc", ".cache", ".cache/*", "__pycache__", "**/__pycache__")
 SKIP_DIRS = frozenset({".git"})
-FIXED_MTIME = datetime.datetime(1980, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
+FIXED_MTIME = 315532800.0  # 1980-01-01 UTC, as flytekit writes it
 
 
 class UnsafeBundle(Exception):
@@ -51,6 +49,8 @@ class Limits:
 
 
 def _ignored(rel: str, patterns: list[str]) -> bool:
+    import fnmatch  # building only: extraction (a pod's cold start) does not pay for it
+
     parts = rel.split(os.sep)
     for pattern in patterns:
         if fnmatch.fnmatch(rel, pattern) or any(fnmatch.fnmatch(p, pattern) for p in parts):
@@ -78,6 +78,8 @@ def _strip(info: tarfile.TarInfo) -> tarfile.TarInfo:
 
 def build(source: str, out_dir: str) -> str:
     """Write `fast<digest>.tar.gz` for `source` into out_dir (same name and digest as flytekit's)."""
+    import gzip
+
     patterns = _ignore_patterns(source)
     files = [rel for rel in list_files(source, SKIP_DIRS) if not _ignored(rel, patterns)]
     digest = content_digest(source, files)
@@ -127,12 +129,17 @@ class Extracted:
 def extract(archive_path: str, dest: str, limits: Limits | None = None) -> Extracted:
     """Extract archive_path into dest (an empty staging dir).
 
-    The name digest is computed in the same pass when the archive holds only regular files and
-    directories in sorted order (as flytekit and `executor bundle build` write them); otherwise
-    `content_digest` is None and the caller hashes the tree afterwards. Files are created read-only:
-    a cache entry is shared between pods.
+    One pass: a thread decompresses (inflate.py), this thread parses, checks and hashes, and a
+    few threads create the files (writers.py). Only regular files are written out of order, each
+    under a parent already checked; every link waits until all writes are done, so links and
+    their checks see exactly the tree a sequential extraction would. The name digest is computed
+    in the same pass when the archive holds only regular files and directories in sorted order
+    (as flytekit and `executor bundle build` write them); otherwise `content_digest` is None and
+    the caller hashes the tree afterwards. Files are created read-only: a cache entry is shared
+    between pods. Returns only once no thread writes any more, also when it raises.
     """
-    import hashlib
+    from executor.bundle.inflate import Inflater
+    from executor.bundle.writers import Writers
 
     limits = limits or Limits.from_env()
     compressed = max(os.path.getsize(archive_path), 1)
@@ -141,82 +148,111 @@ def extract(archive_path: str, dest: str, limits: Limits | None = None) -> Extra
     files: list[str] = []
     links: list[str] = []
     made_dirs = {dest}
-    hasher = hashlib.md5()
+    hasher = ContentHasher()
     streaming = True  # still possible to use the in-stream digest
     previous_key = ""
-    with tarfile.open(archive_path, "r:gz") as tar:
-        for member in tar:
-            rel = _member_path(member.name)
-            target = os.path.join(dest, rel)
-            if member.mode & (stat.S_ISUID | stat.S_ISGID):
-                raise UnsafeBundle(member.name, "setuid/setgid bit")
-            if member.ischr() or member.isblk():
-                raise UnsafeBundle(member.name, "device file")
-            if member.isfifo():
-                raise UnsafeBundle(member.name, "fifo")
-            if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
-                raise UnsafeBundle(member.name, f"unsupported member type {member.type!r}")
-            parent = os.path.dirname(target)
-            if parent not in made_dirs:
-                os.makedirs(parent, exist_ok=True)
-                made_dirs.add(parent)
-            # Until a symlink exists in the staging tree, lexically clean paths cannot leave it.
-            if links and not _inside(root_real, parent):
-                raise UnsafeBundle(member.name, "its directory leads outside the bundle through a symlink")
-            if member.isdir():
-                if target not in made_dirs:
-                    os.makedirs(target, exist_ok=True)
-                    made_dirs.add(target)
-                continue
-            files.append(rel)
-            if len(files) > limits.max_files:
-                raise UnsafeBundle(member.name, f"more than {limits.max_files} files (EXECUTOR_BUNDLE_MAX_FILES)")
-            if member.issym():
-                streaming = False
-                if os.path.isabs(member.linkname):
-                    raise UnsafeBundle(member.name, f"symlink to an absolute path {member.linkname!r}")
-                _create(lambda: os.symlink(member.linkname, target), member.name)
-                links.append(target)
-                if not _inside(root_real, target):
-                    raise UnsafeBundle(member.name, f"symlink {member.linkname!r} points outside the bundle")
-                continue
-            if member.islnk():
-                streaming = False
-                try:
-                    source = os.path.join(dest, _member_path(member.linkname))
-                except UnsafeBundle as e:
-                    raise UnsafeBundle(member.name, f"hard link target {member.linkname!r}: {e.reason}") from None
-                if not _inside(root_real, source) or not os.path.isfile(source):
-                    raise UnsafeBundle(member.name, f"hard link to {member.linkname!r}, which is not a file of the bundle")
-                if os.path.lexists(target):
-                    raise UnsafeBundle(member.name, "appears twice in the archive")
-                shutil.copyfile(source, target)
-                continue
-            total += member.size
-            if total > limits.max_total_bytes:
-                raise UnsafeBundle(member.name, f"bundle expands past {limits.max_total_bytes} bytes (EXECUTOR_BUNDLE_MAX_BYTES)")
-            if total / compressed > limits.max_ratio and total > (1 << 20):
-                raise UnsafeBundle(member.name, f"compression ratio above {limits.max_ratio:g} (EXECUTOR_BUNDLE_MAX_RATIO): a decompression bomb?")
-            key = target  # flytekit sorts absolute paths; same prefix, so this orders like the digest
-            if streaming and key <= previous_key:
-                streaming = False
-            previous_key = key
-            source_file = tar.extractfile(member)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-            fd = _create(lambda: os.open(target, flags, 0o555 if member.mode & 0o111 else 0o444), member.name)
-            with os.fdopen(fd, "wb") as out:
-                while chunk := source_file.read(1 << 20):
-                    out.write(chunk)
-                    if streaming:
-                        hasher.update(chunk)
-            if streaming:
-                hasher.update("".join(rel.split(os.sep)).encode("utf-8"))
+    try:
+        with Inflater(archive_path) as stream, Writers(_open_member) as writers:
+            tar = tarfile.TarFile(fileobj=stream)
+            for member in tar:
+                rel = _member_path(member.name)
+                target = os.path.join(dest, rel)
+                if member.mode & (stat.S_ISUID | stat.S_ISGID):
+                    raise UnsafeBundle(member.name, "setuid/setgid bit")
+                if member.ischr() or member.isblk():
+                    raise UnsafeBundle(member.name, "device file")
+                if member.isfifo():
+                    raise UnsafeBundle(member.name, "fifo")
+                if member.issparse():
+                    raise UnsafeBundle(member.name, "sparse file")
+                if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
+                    raise UnsafeBundle(member.name, f"unsupported member type {member.type!r}")
+                parent = os.path.dirname(target)
+                if parent not in made_dirs:
+                    os.makedirs(parent, exist_ok=True)
+                    made_dirs.add(parent)
+                # Until a symlink exists in the staging tree, lexically clean paths cannot leave it.
+                if links and not _inside(root_real, parent):
+                    raise UnsafeBundle(member.name, "its directory leads outside the bundle through a symlink")
+                if member.isdir():
+                    if target not in made_dirs:
+                        os.makedirs(target, exist_ok=True)
+                        made_dirs.add(target)
+                    continue
+                files.append(rel)
+                if len(files) > limits.max_files:
+                    raise UnsafeBundle(member.name, f"more than {limits.max_files} files (EXECUTOR_BUNDLE_MAX_FILES)")
+                if member.issym():
+                    streaming = False
+                    if os.path.isabs(member.linkname):
+                        raise UnsafeBundle(member.name, f"symlink to an absolute path {member.linkname!r}")
+                    writers.wait()
+                    _create(lambda: os.symlink(member.linkname, target), member.name)
+                    links.append(target)
+                    if not _inside(root_real, target):
+                        raise UnsafeBundle(member.name, f"symlink {member.linkname!r} points outside the bundle")
+                    continue
+                if member.islnk():
+                    streaming = False
+                    try:
+                        source = os.path.join(dest, _member_path(member.linkname))
+                    except UnsafeBundle as e:
+                        raise UnsafeBundle(member.name, f"hard link target {member.linkname!r}: {e.reason}") from None
+                    writers.wait()  # the source must be complete
+                    if not _inside(root_real, source) or not os.path.isfile(source):
+                        raise UnsafeBundle(member.name, f"hard link to {member.linkname!r}, which is not a file of the bundle")
+                    if os.path.lexists(target):
+                        raise UnsafeBundle(member.name, "appears twice in the archive")
+                    shutil.copyfile(source, target)
+                    continue
+                total += member.size
+                if total > limits.max_total_bytes:
+                    raise UnsafeBundle(member.name, f"bundle expands past {limits.max_total_bytes} bytes (EXECUTOR_BUNDLE_MAX_BYTES)")
+                if total / compressed > limits.max_ratio and total > (1 << 20):
+                    raise UnsafeBundle(member.name, f"compression ratio above {limits.max_ratio:g} (EXECUTOR_BUNDLE_MAX_RATIO): a decompression bomb?")
+                key = target  # flytekit sorts absolute paths; same prefix, so this orders like the digest
+                if streaming and key <= previous_key:
+                    streaming = False
+                previous_key = key
+                stream.seek(member.offset_data)
+                _hand_over(writers, (target, 0o555 if member.mode & 0o111 else 0o444, member.name),
+                           stream.views(member.size), hasher if streaming else None)
+                if streaming:
+                    hasher.end_file(rel)
+            stream.finish()
+            writers.wait()
+    except (tarfile.TarError, zlib.error) as e:
+        raise ValueError(f"not a readable tar archive: {e}") from None
     # A later member can change where an earlier link resolves: check them all once more at the end.
     for link in links:
         if not _inside(root_real, link):
             raise UnsafeBundle(os.path.relpath(link, dest), "symlink points outside the bundle")
     files.sort(key=lambda rel: os.path.join(dest, rel))
     return Extracted(files, total, hasher.hexdigest() if streaming else None)
+
+
+_PIECE_BYTES = 1 << 20  # a large file goes to its lane in pieces of about this size
+
+
+def _hand_over(writers, open_args: tuple, views, hasher) -> None:
+    """Hash a file's data in archive order and hand it to the writers, in pieces for large files."""
+    pieces: list = []
+    size = 0
+    for view in views:
+        if hasher is not None:
+            hasher.update(view)
+        pieces.append(view)
+        size += len(view)
+        if size >= _PIECE_BYTES:
+            writers.submit(open_args, pieces, size, last=False)
+            open_args, pieces, size = None, [], 0
+    writers.submit(open_args, pieces, size, last=True)
+
+
+def _open_member(target: str, mode: int, name: str) -> int:
+    # O_EXCL: a member that appears twice is refused; O_NOFOLLOW: never write through a link.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    return _create(lambda: os.open(target, flags, mode), name)
 
 
 def _create(make, name: str):

@@ -9,6 +9,13 @@ Layout under EXECUTOR_CACHE_DIR:
 
 <key> is the content digest from the bundle's name (fast<md5>.tar.gz), else the archive's md5,
 so a hit costs a stat and a lock, never a download.
+
+Durability: nothing is fsynced. A marker names the boot it was written in
+(/proc/sys/kernel/random/boot_id) and is trusted only in that boot: within one boot every process
+sees the page cache, so a marker written after the data is enough; after a crash or reboot the
+data may never have reached the disk, so such an entry is rebuilt on first use. Syncing instead
+(syncfs before the marker) would make every cold start wait for its whole bundle to be written
+back; a reboot costs one download per bundle instead.
 """
 from __future__ import annotations
 
@@ -105,6 +112,9 @@ class BundleCache:
                 marker = json.load(f)
         except (OSError, ValueError):
             return None
+        boot = marker.get("boot")  # None: written by an older executor, trusted as it was then
+        if boot is not None and boot != _boot_id():
+            return None  # written before a reboot: its data may never have reached the disk
         if not os.path.isdir(entry):
             return None
         try:
@@ -185,7 +195,7 @@ class BundleCache:
         return verified, unverified
 
     def _extract(self, download: str, staging: str):
-        from executor.bundle import archive  # only a miss pays for tarfile, gzip and hashlib
+        from executor.bundle import archive  # only a miss pays for tarfile and the extraction threads
 
         try:
             return archive.extract(download, staging)
@@ -202,11 +212,27 @@ class BundleCache:
             shutil.rmtree(entry, ignore_errors=True)
         os.rename(staging, entry)
         marker = {"key": key, "archive_md5": archive_md5, "files": len(extracted.files), "bytes": extracted.total_bytes,
-                  "verified": verified, "created": time.time()}
-        storage.write_bytes(entry + ".complete", json.dumps(marker).encode())
+                  "verified": verified, "created": time.time(), "boot": _boot_id()}
+        if not marker["boot"]:
+            os.sync()  # no boot id to scope the marker to: the data must be on disk before it
+        self._replace(entry + ".complete", json.dumps(marker).encode())
         self._mark_in_use(key)
         self._evict()
         return Prepared(entry, key, hit=False, verified=verified, unverified=unverified)
+
+    def _replace(self, path: str, data: bytes) -> None:
+        """Atomic (readers see no file or the whole file), not durable: see the module doc."""
+        tmp = os.path.join(self.root, "staging", f"marker.{os.urandom(8).hex()}")  # swept if we are killed
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
     # --- housekeeping -----------------------------------------------------------------------
 
@@ -275,6 +301,20 @@ class BundleCache:
             return True
         finally:
             os.close(fd)
+
+
+_boot: list[str] = []
+
+
+def _boot_id() -> str:
+    """This boot's id ("" where the kernel does not say): markers are trusted only in their boot."""
+    if not _boot:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                _boot.append(f.read().strip())
+        except OSError:
+            _boot.append("")
+    return _boot[0]
 
 
 def _short_hash(text: str) -> str:

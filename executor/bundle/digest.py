@@ -32,13 +32,48 @@ def list_files(root: str, skip_dirs: frozenset[str] = frozenset()) -> list[str]:
     return sorted(found, key=lambda rel: os.path.join(root, rel))
 
 
-def content_digest(root: str, files: list[str] | None = None) -> str:
-    import hashlib
+class ContentHasher:
+    """The name digest fed one file at a time, in order: its bytes, then end_file(rel).
 
-    hasher = hashlib.md5()
+    Small pieces are gathered before md5 sees them: md5 releases the GIL for each update, and
+    getting it back while other threads run costs more than hashing a few KiB.
+    """
+
+    _BATCH = 1 << 20
+
+    def __init__(self):
+        import hashlib
+
+        self._md5 = hashlib.md5()
+        self._batch = bytearray()
+
+    def update(self, data) -> None:
+        if len(data) >= 1 << 16:
+            self._flush()
+            self._md5.update(data)
+            return
+        self._batch += data
+        if len(self._batch) >= self._BATCH:
+            self._flush()
+
+    def end_file(self, rel: str) -> None:
+        self.update("".join(rel.split(os.sep)).encode("utf-8"))
+
+    def _flush(self) -> None:
+        if self._batch:
+            self._md5.update(self._batch)
+            self._batch.clear()
+
+    def hexdigest(self) -> str:
+        self._flush()
+        return self._md5.hexdigest()
+
+
+def content_digest(root: str, files: list[str] | None = None) -> str:
+    hasher = ContentHasher()
     for rel in files if files is not None else list_files(root):
         with open(os.path.join(root, rel), "rb") as f:
             while chunk := f.read(_BLOCK):
                 hasher.update(chunk)
-        hasher.update("".join(rel.split(os.sep)).encode("utf-8"))
+        hasher.end_file(rel)
     return hasher.hexdigest()

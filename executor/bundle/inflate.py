@@ -1,0 +1,147 @@
+"""A gzip file decompressed ahead in a thread, read as a forward-only stream (what tarfile needs).
+
+zlib releases the GIL while it inflates, so decompression runs on its own core while the caller
+parses, hashes and hands data to the writers: `tar xzf` gets the same overlap from its separate
+`gzip` process. Data comes out as memoryviews of the decompressed blocks, so file contents are not
+copied on their way to the hasher and to os.write.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import zlib
+
+READ_BYTES = 256 << 10  # compressed bytes per read
+BLOCK_BYTES = 1 << 20  # decompressed bytes per block handed over
+DEPTH = 8  # blocks decompressed ahead of the reader: bounds memory, also for decompression bombs
+_END = object()
+
+
+class Inflater:
+    """Use as a context manager: leaving it stops and joins the thread."""
+
+    def __init__(self, path: str):
+        self._blocks: queue.Queue = queue.Queue(DEPTH)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(path,), name="executor-inflate", daemon=True)
+        self._block = memoryview(b"")
+        self._at = 0  # read position inside _block
+        self._offset = 0  # stream offset of _block[_at]
+        self._ended = False
+        self._thread.start()
+
+    # --- the decompressing thread -----------------------------------------------------------
+
+    def _run(self, path: str) -> None:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                self._inflate(f)
+            self._put(_END)
+        except BaseException as e:  # handed to the reader, raised there
+            self._put(e)
+
+    def _inflate(self, f) -> None:
+        gz = zlib.decompressobj(31)  # gzip wrapper: zlib checks the CRC-32 and length trailer
+        data = b""
+        while not self._stop.is_set():
+            if not data:
+                data = f.read(READ_BYTES)
+                if not data:
+                    break
+            if gz.eof:  # gzip allows members back to back, and zero padding after the last one
+                data = data.lstrip(b"\0")
+                if not data:
+                    continue
+                gz = zlib.decompressobj(31)
+            out = gz.decompress(data, BLOCK_BYTES)
+            data = gz.unconsumed_tail or gz.unused_data
+            if out:
+                self._put(out)
+        if not gz.eof and not self._stop.is_set():
+            raise EOFError("compressed file ended before the end-of-stream marker was reached")
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._blocks.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    # --- the reader -------------------------------------------------------------------------
+
+    def _next_block(self) -> bool:
+        if self._ended:
+            return False
+        item = self._blocks.get()
+        if item is _END:
+            self._ended = True
+            return False
+        if isinstance(item, BaseException):
+            self._ended = True
+            if isinstance(item, zlib.error):
+                raise ValueError(f"not a valid gzip stream: {item}") from item
+            raise item
+        self._block, self._at = memoryview(item), 0
+        return True
+
+    def _piece(self, size: int) -> memoryview | None:
+        """At most `size` bytes, from the current block; None at the end of the gzip stream."""
+        if self._at == len(self._block) and not self._next_block():
+            return None
+        piece = self._block[self._at: self._at + size]
+        self._at += len(piece)
+        self._offset += len(piece)
+        return piece
+
+    def views(self, size: int):
+        """Yield the next `size` bytes as memoryviews of the decompressed blocks (no copy)."""
+        while size:
+            piece = self._piece(size)
+            if piece is None:
+                raise EOFError("unexpected end of data")
+            size -= len(piece)
+            yield piece
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to `size` bytes, fewer only at the end of the gzip stream."""
+        if size < 0:
+            raise ValueError("Inflater reads a known size")
+        pieces = []
+        while size and (piece := self._piece(size)) is not None:
+            size -= len(piece)
+            pieces.append(piece)
+        return b"".join(pieces)
+
+    def tell(self) -> int:
+        return self._offset
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence != 0 or offset < self._offset:
+            raise ValueError("Inflater only seeks forward")
+        for _ in self.views(offset - self._offset):
+            pass
+        return self._offset
+
+    def finish(self, slack: int = 1 << 20) -> None:
+        """After the tar end marker: read what little follows, so zlib checks the gzip trailer.
+
+        More than `slack` bytes after the archive are ignored unread, as tar itself ignores them.
+        """
+        left = slack - (len(self._block) - self._at)
+        self._at = len(self._block)
+        while left >= 0 and self._next_block():
+            left -= len(self._block)
+            self._at = len(self._block)
+
+    def __enter__(self) -> "Inflater":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._blocks.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self._thread.join()

@@ -1,0 +1,107 @@
+"""A few threads that create and write files handed to them in order, one lane per directory.
+
+Creating a file is the dearest step of extracting many small ones (the kernel allocates an inode
+and updates the directory under the directory's lock) and it releases the GIL, so it runs here
+while the caller keeps decompressing and hashing. Files of one directory always go to the same
+lane, in order: lanes never contend for a directory lock, and a large file's pieces arrive in
+order. The bytes handed over but not yet written are capped, so memory stays bounded.
+
+The caller owns every decision about what may be written where; a lane only runs `open_file`
+(given by the caller) and os.write. The first error in any lane stops all of them and is raised
+in the caller's thread, by the next submit() or by wait().
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from typing import Callable
+
+LANES = 3
+BUDGET_BYTES = 32 << 20  # handed over but not yet written
+
+
+class Writers:
+    """Use as a context manager: leaving it stops and joins the lanes (nothing writes after it)."""
+
+    def __init__(self, open_file: Callable[..., int], lanes: int = LANES, budget: int = BUDGET_BYTES):
+        self._open_file = open_file
+        self._budget = budget
+        self._changed = threading.Condition()
+        self._pending = 0  # ops handed over and not yet done
+        self._pending_bytes = 0
+        self._error: BaseException | None = None
+        self._queues = [queue.SimpleQueue() for _ in range(lanes)]
+        self._threads = [threading.Thread(target=self._lane, args=(q,), name=f"executor-write-{i}", daemon=True)
+                         for i, q in enumerate(self._queues)]
+        self._current = 0  # lane of the file being handed over
+
+    # --- the caller's side ------------------------------------------------------------------
+
+    def submit(self, open_args: tuple | None, pieces: list, size: int, last: bool) -> None:
+        """Hand over a file's next pieces (`size` bytes in all): open_args (passed to open_file)
+        starts a new file; None continues the previous one; last closes it."""
+        if open_args is not None:
+            self._current = hash(os.path.dirname(open_args[0])) % len(self._queues)
+            if self._threads[self._current].ident is None:
+                self._threads[self._current].start()  # lanes start with their first file: small bundles use few
+        with self._changed:
+            while self._pending and self._pending_bytes + size > self._budget and self._error is None:
+                self._changed.wait()
+            self._raise_error()
+            self._pending += 1
+            self._pending_bytes += size
+        self._queues[self._current].put((open_args, pieces, last, size))
+
+    def wait(self) -> None:
+        """Return once everything handed over is written (or raise the first error)."""
+        with self._changed:
+            while self._pending and self._error is None:
+                self._changed.wait()
+            self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> "Writers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is not None:
+            with self._changed:
+                self._error = self._error or exc[1]  # lanes skip whatever is still queued
+        for q, thread in zip(self._queues, self._threads):
+            if thread.ident is not None:  # started
+                q.put(None)
+                thread.join()
+
+    # --- a lane -----------------------------------------------------------------------------
+
+    def _lane(self, ops: queue.SimpleQueue) -> None:
+        fd = None
+        while (op := ops.get()) is not None:
+            open_args, pieces, last, size = op
+            try:
+                if self._error is None:
+                    if open_args is not None:
+                        fd = self._open_file(*open_args)
+                    for piece in pieces:
+                        while piece:
+                            piece = piece[os.write(fd, piece):]
+                if last and fd is not None:
+                    os.close(fd)
+                    fd = None
+            except BaseException as e:
+                if fd is not None:
+                    os.close(fd)
+                    fd = None
+                with self._changed:
+                    self._error = self._error or e
+            finally:
+                with self._changed:
+                    self._pending -= 1
+                    self._pending_bytes -= size
+                    self._changed.notify()
+        if fd is not None:
+            os.close(fd)
