@@ -36,16 +36,10 @@ def client() -> str:
 
 # obstore runs its requests on a tokio runtime whose threads do not survive fork(): a child of a
 # process that has used obstore would hang on its first request. So a process that forks workers
-# later (the supervisor, serve) calls `forks_children()` first and then runs each obstore attempt
-# in a short-lived forked process of its own, leaving no runtime behind for its workers; and a
-# process that did inherit a started runtime uses s3fs instead.
+# later (the supervisor, serve) calls `storage.forks_children()` first; its obstore attempts then
+# run in a short-lived forked process of their own, leaving no runtime behind for its workers; and
+# a process that did inherit a started runtime uses s3fs instead.
 _runtime_pid: int | None = None  # the process whose obstore runtime has started
-_forking_pid: int | None = None  # a process that forks workers later (keeps the runtime out)
-
-
-def forks_children() -> None:
-    global _forking_pid
-    _forking_pid = os.getpid()
 
 
 def _usable_here() -> bool:
@@ -97,7 +91,6 @@ class ObstoreS3:
     """The subset of fsspec's S3FileSystem that executor.storage uses, over obstore."""
 
     async_impl = False
-    retries = 0  # storage sets this on s3fs; here obstore's retries are off already
 
     def __init__(self, **store_settings):
         import obstore.store  # noqa: F401  (fail here, with storage's install hint, if it is missing)
@@ -106,10 +99,10 @@ class ObstoreS3:
         self._stores: dict = {}
 
     @staticmethod
-    def run_attempt(attempt, timeout: float):
-        """attempt(timeout), here or, in a process that forks workers later, in a forked one."""
+    def run_attempt(attempt, timeout: float, in_child: bool = False):
+        """attempt(timeout), here or (in_child: this process forks workers later) in a forked one."""
         global _runtime_pid
-        if _forking_pid == os.getpid() and _runtime_pid is None:  # not started here: keep it so
+        if in_child and _runtime_pid is None:  # not started here: keep it so
             from executor.forked_call import call_in_child
 
             return call_in_child(_leaf_attempt, attempt, timeout)
@@ -195,8 +188,8 @@ class ObstoreS3:
 
 
 def _leaf_attempt(attempt, timeout: float):
-    global _forking_pid, _runtime_pid
-    _forking_pid, _runtime_pid = None, os.getpid()
+    global _runtime_pid
+    _runtime_pid = os.getpid()
     return attempt(timeout)
 
 
@@ -229,7 +222,7 @@ class ObjectStoreHTTPError(Exception):
         self.response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
         self._args = (status, code, message)
 
-    def __reduce__(self):  # crosses the pipe from a forked attempt (see forks_children)
+    def __reduce__(self):  # crosses the pipe from a forked attempt (see run_attempt)
         return type(self), self._args
 
 

@@ -454,36 +454,36 @@ def _filesystem(uri: str):
         _filesystems.clear()
         _filesystems_pid = os.getpid()
     protocol = uri.split("://", 1)[0]
-    use_obstore = protocol in ("s3", "s3a") and _s3_client(uri) == "obstore"
-    if use_obstore:
-        from executor import obstore_s3
-
-        options = obstore_s3.settings(request_timeout=_RetrySettings.from_env(uri).deadline)
-    else:
-        options = _options(protocol)
-    key = (protocol, use_obstore, repr(sorted(options.items())))
+    filesystem_class, options = _implementation(uri, protocol)
+    key = (protocol, repr(sorted(options.items())))
     fs = _filesystems.get(key)
     if fs is None:
         try:
-            fs = obstore_s3.ObstoreS3(**options) if use_obstore else _filesystem_class(protocol)(**options)
+            fs = filesystem_class()(**options)
         except ImportError as e:
             hint = _MISSING_PACKAGE_HINT.get(protocol, f"install the fsspec package for '{protocol}://'")
             raise StorageError(uri, f"support for {protocol}:// is not installed ({e}); {hint}") from e
         except ValueError as e:
             raise StorageError(uri, f"unsupported URI scheme '{protocol}://' ({e})") from e
-        if protocol in ("s3", "s3a") and not use_obstore:
+        if protocol in ("s3", "s3a"):
             fs.retries = 1  # s3fs's own retry loop; ours is the only one (see _s3_options)
         _filesystems[key] = fs
     return fs
 
 
-def _s3_client(uri: str) -> str:
-    from executor import obstore_s3
+def _implementation(uri: str, protocol: str) -> tuple[Callable, dict]:
+    """(a function giving the filesystem class, its options): s3:// may be obstore's."""
+    if protocol in ("s3", "s3a"):
+        from executor import obstore_s3
 
-    try:
-        return obstore_s3.client()
-    except ValueError as e:
-        raise StorageError(uri, str(e)) from e
+        try:
+            use_obstore = obstore_s3.client() == obstore_s3.OBSTORE
+        except ValueError as e:
+            raise StorageError(uri, str(e)) from e
+        if use_obstore:
+            deadline = _RetrySettings.from_env(uri).deadline
+            return (lambda: obstore_s3.ObstoreS3), obstore_s3.settings(request_timeout=deadline)
+    return (lambda: _filesystem_class(protocol)), _options(protocol)
 
 
 def _call(fs, method: str, args: tuple, kwargs: dict, timeout: float):
@@ -507,15 +507,19 @@ def _remote(uri: str, action: str, method: str, *args, path_last: bool = False, 
 def _placed(fs, attempt: Callable[[float], object]) -> Callable[[float], object]:
     """The attempt, run where the filesystem says (obstore: maybe in a forked process)."""
     run_attempt = getattr(fs, "run_attempt", None)
-    return attempt if run_attempt is None else (lambda timeout: run_attempt(attempt, timeout))
+    if run_attempt is None:
+        return attempt
+    return lambda timeout: run_attempt(attempt, timeout, in_child=_forking_pid == os.getpid())
+
+
+_forking_pid: int | None = None  # a process that forks workers which use storage too
 
 
 def forks_children() -> None:
     """Say that this process forks workers that use storage: keeps state that does not survive a
     fork (obstore's runtime) out of this process."""
-    from executor import obstore_s3
-
-    obstore_s3.forks_children()
+    global _forking_pid
+    _forking_pid = os.getpid()
 
 
 # ---------------------------------------------------------------------------------------------
