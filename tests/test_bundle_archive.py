@@ -12,6 +12,15 @@ from executor.bundle import archive, digest
 from executor.bundle.archive import Limits, UnsafeBundle
 
 
+@pytest.fixture(autouse=True, params=["auto", "zlib"], ids=["isal", "zlib"])
+def inflate_codec(request, monkeypatch):
+    """Every extraction test runs with isal's inflate (installed with the test extra) and with zlib's."""
+    monkeypatch.setenv("EXECUTOR_BUNDLE_INFLATE", request.param)
+    from executor.bundle.inflate import gzip_codec
+
+    assert gzip_codec().__name__ == ("isal.isal_zlib" if request.param == "auto" else "zlib")
+
+
 def _tree(root, files: dict[str, bytes]):
     for rel, data in files.items():
         path = root / rel

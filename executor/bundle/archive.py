@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import tarfile
-import zlib
 from dataclasses import dataclass
 
 from executor.bundle.digest import ContentHasher, content_digest, list_files
@@ -68,7 +66,7 @@ def _ignore_patterns(source: str) -> list[str]:
     return patterns
 
 
-def _strip(info: tarfile.TarInfo) -> tarfile.TarInfo:
+def _strip(info):  # a tarfile.TarInfo
     info.mtime = FIXED_MTIME
     info.uid = info.gid = 0
     info.uname = info.gname = ""
@@ -79,6 +77,7 @@ def _strip(info: tarfile.TarInfo) -> tarfile.TarInfo:
 def build(source: str, out_dir: str) -> str:
     """Write `fast<digest>.tar.gz` for `source` into out_dir (same name and digest as flytekit's)."""
     import gzip
+    import tarfile  # building only: extraction reads headers with tarstream
 
     patterns = _ignore_patterns(source)
     files = [rel for rel in list_files(source, SKIP_DIRS) if not _ignored(rel, patterns)]
@@ -129,8 +128,8 @@ class Extracted:
 def extract(archive_path: str, dest: str, limits: Limits | None = None) -> Extracted:
     """Extract archive_path into dest (an empty staging dir).
 
-    One pass: a thread decompresses (inflate.py), this thread parses, checks and hashes, and a
-    few threads create the files (writers.py). Only regular files are written out of order, each
+    One pass: a thread decompresses (inflate.py), this thread parses (tarstream.py) and checks,
+    another hashes (digest.py), and a few create the files (writers.py). Only regular files are written out of order, each
     under a parent already checked; every link waits until all writes are done, so links and
     their checks see exactly the tree a sequential extraction would. The name digest is computed
     in the same pass when the archive holds only regular files and directories in sorted order
@@ -138,6 +137,7 @@ def extract(archive_path: str, dest: str, limits: Limits | None = None) -> Extra
     the caller hashes the tree afterwards. Files are created read-only: a cache entry is shared
     between pods. Returns only once no thread writes any more, also when it raises.
     """
+    from executor.bundle import tarstream
     from executor.bundle.inflate import Inflater
     from executor.bundle.writers import Writers
 
@@ -148,13 +148,11 @@ def extract(archive_path: str, dest: str, limits: Limits | None = None) -> Extra
     files: list[str] = []
     links: list[str] = []
     made_dirs = {dest}
-    hasher = ContentHasher()
     streaming = True  # still possible to use the in-stream digest
     previous_key = ""
     try:
-        with Inflater(archive_path) as stream, Writers(_open_member) as writers:
-            tar = tarfile.TarFile(fileobj=stream)
-            for member in tar:
+        with Inflater(archive_path) as stream, Writers(_open_member) as writers, ContentHasher(background=True) as hasher:
+            for member in tarstream.members(stream):
                 rel = _member_path(member.name)
                 target = os.path.join(dest, rel)
                 if member.mode & (stat.S_ISUID | stat.S_ISGID):
@@ -166,7 +164,7 @@ def extract(archive_path: str, dest: str, limits: Limits | None = None) -> Extra
                 if member.issparse():
                     raise UnsafeBundle(member.name, "sparse file")
                 if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
-                    raise UnsafeBundle(member.name, f"unsupported member type {member.type!r}")
+                    raise UnsafeBundle(member.name, f"unsupported member type {chr(member.type)!r}")
                 parent = os.path.dirname(target)
                 if parent not in made_dirs:
                     os.makedirs(parent, exist_ok=True)
@@ -221,14 +219,15 @@ def extract(archive_path: str, dest: str, limits: Limits | None = None) -> Extra
                     hasher.end_file(rel)
             stream.finish()
             writers.wait()
-    except (tarfile.TarError, zlib.error) as e:
+            digest = hasher.hexdigest() if streaming else None
+    except tarstream.TarError as e:
         raise ValueError(f"not a readable tar archive: {e}") from None
     # A later member can change where an earlier link resolves: check them all once more at the end.
     for link in links:
         if not _inside(root_real, link):
             raise UnsafeBundle(os.path.relpath(link, dest), "symlink points outside the bundle")
     files.sort(key=lambda rel: os.path.join(dest, rel))
-    return Extracted(files, total, hasher.hexdigest() if streaming else None)
+    return Extracted(files, total, digest)
 
 
 _PIECE_BYTES = 1 << 20  # a large file goes to its lane in pieces of about this size

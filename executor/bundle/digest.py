@@ -35,38 +35,70 @@ def list_files(root: str, skip_dirs: frozenset[str] = frozenset()) -> list[str]:
 class ContentHasher:
     """The name digest fed one file at a time, in order: its bytes, then end_file(rel).
 
-    Small pieces are gathered before md5 sees them: md5 releases the GIL for each update, and
-    getting it back while other threads run costs more than hashing a few KiB.
+    Small pieces are gathered into batches of about 1 MiB before md5 sees them: md5 releases the
+    GIL for each update, and getting it back while other threads run costs more than hashing a few
+    KiB. With background=True a thread of its own hashes the batches, so that extraction's parsing
+    thread only gathers them; use it as a context manager then (leaving it stops the thread).
     """
 
     _BATCH = 1 << 20
+    _QUEUED = 8  # batches waiting for the hashing thread: bounds the memory held for it
 
-    def __init__(self):
+    def __init__(self, background: bool = False):
         import hashlib
 
         self._md5 = hashlib.md5()
-        self._batch = bytearray()
+        self._batch: list = []
+        self._batched = 0
+        self._queue = self._thread = None
+        if background:
+            import queue
+            import threading
+
+            self._queue = queue.Queue(self._QUEUED)
+            self._thread = threading.Thread(target=self._run, name="executor-hash", daemon=True)
+            self._thread.start()
 
     def update(self, data) -> None:
-        if len(data) >= 1 << 16:
-            self._flush()
-            self._md5.update(data)
-            return
-        self._batch += data
-        if len(self._batch) >= self._BATCH:
+        self._batch.append(data)
+        self._batched += len(data)
+        if self._batched >= self._BATCH:
             self._flush()
 
     def end_file(self, rel: str) -> None:
         self.update("".join(rel.split(os.sep)).encode("utf-8"))
 
-    def _flush(self) -> None:
-        if self._batch:
-            self._md5.update(self._batch)
-            self._batch.clear()
-
     def hexdigest(self) -> str:
         self._flush()
+        self._stop()
         return self._md5.hexdigest()
+
+    def _flush(self) -> None:
+        if self._batch:
+            batch, self._batch, self._batched = self._batch, [], 0
+            if self._queue is None:
+                self._hash(batch)
+            else:
+                self._queue.put(batch)
+
+    def _hash(self, batch: list) -> None:
+        self._md5.update(batch[0] if len(batch) == 1 else b"".join(batch))
+
+    def _run(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            self._hash(batch)
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> "ContentHasher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop()
 
 
 def content_digest(root: str, files: list[str] | None = None) -> str:
