@@ -71,6 +71,17 @@ def _local_path(uri: str) -> str | None:
 # Public API: each call dispatches to the local (os only) or the remote (fsspec) implementation.
 
 
+def local_file(uri: str) -> str | None:
+    """The path of a local uri, checked to be a readable file; None for a remote uri.
+
+    Raises StorageNotFound or StorageError as reading it would.
+    """
+    path = _local_path(uri)
+    if path is not None:
+        _open_local(uri, path).close()
+    return path
+
+
 def read_bytes(uri: str) -> bytes:
     path = _local_path(uri)
     if path is None:

@@ -186,7 +186,7 @@ def test_duplicate_member_is_refused(tmp_path):
 def _our_threads() -> list[str]:
     import threading
 
-    return [t.name for t in threading.enumerate() if t.name.startswith(("executor-write", "executor-inflate"))]
+    return [t.name for t in threading.enumerate() if t.name.startswith(("executor-write", "executor-inflate", "executor-hash"))]
 
 
 def test_large_member_goes_to_its_lane_in_pieces(tmp_path):

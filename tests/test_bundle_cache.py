@@ -30,7 +30,7 @@ def _leftovers(root) -> list[str]:
 
 
 def _threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith(("executor-write", "executor-inflate"))]
+    return [t.name for t in threading.enumerate() if t.name.startswith(("executor-write", "executor-inflate", "executor-hash"))]
 
 
 FILES = {f"pkg{d}/mod{i}.py": f"x = {i}\n".encode() * 500 for d in range(4) for i in range(30)}
@@ -86,3 +86,62 @@ def test_entry_from_another_boot_is_rebuilt_and_older_markers_are_trusted(tmp_pa
     legacy = {k: v for k, v in json.loads(marker_path.read_text()).items() if k != "boot"}
     marker_path.write_text(json.dumps(legacy))
     assert BundleCache(str(root)).ensure(BundleRef(bundle)).hit
+
+
+# --- a bundle on local disk is extracted where it lies, its md5 computed on the way ---------------
+
+
+def _md5(path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
+
+
+def test_local_bundle_is_not_copied_and_its_given_md5_is_checked(tmp_path):
+    path = _bundle(tmp_path, FILES)
+    root = tmp_path / "cache"
+    prepared = BundleCache(str(root)).ensure(BundleRef(path, archive_md5=_md5(path)))
+    assert not prepared.hit and prepared.verified == ["given archive md5", "name digest"]
+    marker = json.loads((root / "entries" / f"{prepared.key}.complete").read_text())
+    assert marker["archive_md5"] == _md5(path)
+    assert os.listdir(root / "downloads") == []
+
+
+def test_local_bundle_with_a_wrong_md5_is_refused_after_extracting_into_staging_only(tmp_path):
+    path = _bundle(tmp_path, FILES)
+    root = tmp_path / "cache"
+    with pytest.raises(TaskFailure) as failure:
+        BundleCache(str(root)).ensure(BundleRef(path, archive_md5="0" * 32))
+    assert failure.value.code == "BUNDLE_INTEGRITY"
+    assert "0" * 32 in str(failure.value) and _md5(path) in str(failure.value)
+    assert _leftovers(root) == [] and _threads() == []
+
+
+def test_damaged_local_bundle_with_a_wrong_md5_is_reported_as_the_md5_mismatch(tmp_path):
+    path = _bundle(tmp_path, FILES)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    expected = "1" * 32
+    with pytest.raises(TaskFailure) as failure:
+        BundleCache(str(tmp_path / "cache")).ensure(BundleRef(path, archive_md5=expected))
+    assert failure.value.code == "BUNDLE_INTEGRITY"
+    assert f"archive md5 is {_md5(path)}, expected {expected}" in str(failure.value)
+
+
+def test_archive_md5_covers_bytes_after_the_tar_end_that_extraction_leaves_unread(tmp_path):
+    import gzip
+
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as t:
+        info = tarfile.TarInfo("a.py")
+        info.size = 6
+        t.addfile(info, io.BytesIO(b"a = 1\n"))
+    path = tmp_path / "trailing.tar.gz"
+    path.write_bytes(gzip.compress(tar.getvalue() + os.urandom(3 << 20)))  # 3 MiB after the end marker
+    hasher = __import__("hashlib").md5()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    archive.extract(str(path), str(dest), archive_hasher=hasher)
+    assert (dest / "a.py").read_bytes() == b"a = 1\n"
+    assert hasher.hexdigest() == _md5(path)

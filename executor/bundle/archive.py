@@ -125,17 +125,19 @@ class Extracted:
     content_digest: str | None  # computed while extracting, when the archive allows it (see extract)
 
 
-def extract(archive_path: str, dest: str, limits: Limits | None = None) -> Extracted:
+def extract(archive_path: str, dest: str, limits: Limits | None = None, archive_hasher=None) -> Extracted:
     """Extract archive_path into dest (an empty staging dir).
 
     One pass: a thread decompresses (inflate.py), this thread parses (tarstream.py) and checks,
-    another hashes (digest.py), and a few create the files (writers.py). Only regular files are written out of order, each
-    under a parent already checked; every link waits until all writes are done, so links and
-    their checks see exactly the tree a sequential extraction would. The name digest is computed
-    in the same pass when the archive holds only regular files and directories in sorted order
-    (as flytekit and `executor bundle build` write them); otherwise `content_digest` is None and
-    the caller hashes the tree afterwards. Files are created read-only: a cache entry is shared
-    between pods. Returns only once no thread writes any more, also when it raises.
+    another hashes (digest.py), and a few create the files (writers.py). Only regular files are
+    written out of order, each under a parent already checked; every link waits until all writes
+    are done, so links and their checks see exactly the tree a sequential extraction would. The
+    name digest is computed in the same pass when the archive holds only regular files and
+    directories in sorted order (as flytekit and `executor bundle build` write them); otherwise
+    `content_digest` is None and the caller hashes the tree afterwards. archive_hasher (a hashlib
+    object), when given, is fed the whole archive file on the way, by the decompressing thread.
+    Files are created read-only: a cache entry is shared between pods. Returns only once no
+    thread writes any more, also when it raises.
     """
     from executor.bundle import tarstream
     from executor.bundle.inflate import Inflater
@@ -151,7 +153,7 @@ def extract(archive_path: str, dest: str, limits: Limits | None = None) -> Extra
     streaming = True  # still possible to use the in-stream digest
     previous_key = ""
     try:
-        with Inflater(archive_path) as stream, Writers(_open_member) as writers, ContentHasher(background=True) as hasher:
+        with Inflater(archive_path, archive_hasher) as stream, Writers(_open_member) as writers, ContentHasher(background=True) as hasher:
             for member in tarstream.members(stream):
                 rel = _member_path(member.name)
                 target = os.path.join(dest, rel)
@@ -220,6 +222,8 @@ def extract(archive_path: str, dest: str, limits: Limits | None = None) -> Extra
             stream.finish()
             writers.wait()
             digest = hasher.hexdigest() if streaming else None
+            if archive_hasher is not None:
+                stream.hash_rest()
     except tarstream.TarError as e:
         raise ValueError(f"not a readable tar archive: {e}") from None
     # A later member can change where an earlier link resolves: check them all once more at the end.

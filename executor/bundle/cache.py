@@ -132,46 +132,74 @@ class BundleCache:
 
     def _build(self, ref: BundleRef, key: str | None) -> Prepared:
         self._sweep_leftovers()
+        try:
+            # A bundle on local disk is extracted where it lies, hashed on the way (no copy first).
+            source = storage.local_file(ref.uri)
+        except storage.StorageError as e:
+            raise self._fetch_failure(ref, e) from None
+        if source is not None:
+            return self._extract_and_publish(ref, key, source, archive_md5=None, stored=None)
         download = os.path.join(self.root, "downloads", f"{os.urandom(16).hex()}.tar.gz")
         try:
             try:
                 # Not durable: the archive is deleted right after extraction.
                 archive_md5, stored = storage.download_hashed(ref.uri, download, durable=False)
-            except storage.StorageNotFound:
-                raise TaskFailure("BUNDLE_FETCH", f"code bundle {ref.uri} does not exist", recoverable=False,
-                                  hint="was the bundle uploaded by registration? check --additional-distribution / --tgz") from None
             except storage.StorageError as e:
-                raise TaskFailure("BUNDLE_FETCH", f"cannot download code bundle: {e}", cause=e) from None
-            verified, unverified = self._verify_archive(ref, archive_md5, stored)
-            key = key or f"a{archive_md5}"
-            staging = os.path.join(self.root, "staging", f"{key}.{os.urandom(16).hex()}")
-            os.makedirs(staging)
-            try:
-                extracted = self._extract(download, staging)
-                if ref.name_digest and ref.policy != "off":
-                    from executor.bundle.digest import content_digest
-
-                    actual = extracted.content_digest or content_digest(staging, extracted.files)
-                    if actual != ref.name_digest:
-                        raise TaskFailure(
-                            "BUNDLE_INTEGRITY",
-                            f"code bundle {ref.uri}: its files digest to {actual}, but its name says {ref.name_digest}",
-                            hint="the archive was modified after it was built; nothing from it was run",
-                        )
-                    verified.append("name digest")
-                elif ref.policy != "off":
-                    unverified.append("name digest (the file name is not fast<md5>.tar.gz)")
-                if ref.policy == "strict" and not verified:
-                    raise TaskFailure("BUNDLE_INTEGRITY", f"code bundle {ref.uri}: nothing could be verified and the policy is strict",
-                                      hint="give --bundle-md5, or use a fast<md5>.tar.gz name, or set EXECUTOR_BUNDLE_VERIFY=auto")
-                return self._publish(key, staging, extracted, archive_md5, verified, unverified)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                raise self._fetch_failure(ref, e) from None
+            return self._extract_and_publish(ref, key, download, archive_md5, stored)
         finally:
             try:
                 os.unlink(download)
             except OSError:
                 pass
+
+    @staticmethod
+    def _fetch_failure(ref: BundleRef, e: Exception) -> TaskFailure:
+        if isinstance(e, storage.StorageNotFound):
+            return TaskFailure("BUNDLE_FETCH", f"code bundle {ref.uri} does not exist", recoverable=False,
+                               hint="was the bundle uploaded by registration? check --additional-distribution / --tgz")
+        return TaskFailure("BUNDLE_FETCH", f"cannot download code bundle: {e}", cause=e)
+
+    def _extract_and_publish(self, ref: BundleRef, key: str | None, archive: str, archive_md5: str | None,
+                             stored: str | None) -> Prepared:
+        """archive_md5 None: not hashed yet (a local file), so hashed while extracting and checked
+        before anything is published; otherwise checked before anything is extracted."""
+        import hashlib
+
+        archive_hasher = hashlib.md5() if archive_md5 is None else None
+        if archive_md5 is not None:
+            verified, unverified = self._verify_archive(ref, archive_md5, stored)
+        staging = os.path.join(self.root, "staging", f"{key or 'bundle'}.{os.urandom(16).hex()}")
+        os.makedirs(staging)
+        try:
+            try:
+                extracted = self._extract(archive, staging, archive_hasher)
+            except TaskFailure:
+                if archive_hasher is not None and ref.archive_md5:
+                    self._verify_archive(ref, _file_md5(archive), None)  # a wrong md5 explains the damage
+                raise
+            if archive_hasher is not None:
+                archive_md5 = archive_hasher.hexdigest()
+                verified, unverified = self._verify_archive(ref, archive_md5, stored)
+            if ref.name_digest and ref.policy != "off":
+                from executor.bundle.digest import content_digest
+
+                actual = extracted.content_digest or content_digest(staging, extracted.files)
+                if actual != ref.name_digest:
+                    raise TaskFailure(
+                        "BUNDLE_INTEGRITY",
+                        f"code bundle {ref.uri}: its files digest to {actual}, but its name says {ref.name_digest}",
+                        hint="the archive was modified after it was built; nothing from it was run",
+                    )
+                verified.append("name digest")
+            elif ref.policy != "off":
+                unverified.append("name digest (the file name is not fast<md5>.tar.gz)")
+            if ref.policy == "strict" and not verified:
+                raise TaskFailure("BUNDLE_INTEGRITY", f"code bundle {ref.uri}: nothing could be verified and the policy is strict",
+                                  hint="give --bundle-md5, or use a fast<md5>.tar.gz name, or set EXECUTOR_BUNDLE_VERIFY=auto")
+            return self._publish(key or f"a{archive_md5}", staging, extracted, archive_md5, verified, unverified)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _verify_archive(self, ref: BundleRef, archive_md5: str, stored: str | None) -> tuple[list[str], list[str]]:
         verified: list[str] = []
@@ -194,11 +222,11 @@ class BundleCache:
             unverified.append("store md5 (multipart upload or not provided)")
         return verified, unverified
 
-    def _extract(self, download: str, staging: str):
-        from executor.bundle import archive  # only a miss pays for tarfile and the extraction threads
+    def _extract(self, archive_path: str, staging: str, archive_hasher=None):
+        from executor.bundle import archive  # only a miss pays for the extraction threads
 
         try:
-            return archive.extract(download, staging)
+            return archive.extract(archive_path, staging, archive_hasher=archive_hasher)
         except archive.UnsafeBundle as e:
             raise TaskFailure("BUNDLE_UNSAFE", f"code bundle refused, {e}",
                               hint="bundles may hold only regular files, directories and links that stay inside") from None
@@ -315,6 +343,16 @@ def _boot_id() -> str:
         except OSError:
             _boot.append("")
     return _boot[0]
+
+
+def _file_md5(path: str) -> str:
+    import hashlib
+
+    md5 = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            md5.update(chunk)
+    return md5.hexdigest()
 
 
 def _short_hash(text: str) -> str:

@@ -34,7 +34,12 @@ def gzip_codec():
 class Inflater:
     """Use as a context manager: leaving it stops and joins the thread."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, archive_hasher=None):
+        """archive_hasher (a hashlib object), when given, is fed every byte of the file: the
+        decompressing thread updates it with what it reads, hash_rest() with anything after."""
+        self._path = path
+        self._archive_hasher = archive_hasher
+        self._hashed = 0  # bytes of the file fed to archive_hasher so far
         self._codec = gzip_codec()
         self._blocks: queue.Queue = queue.Queue(DEPTH)
         self._stop = threading.Event()
@@ -63,6 +68,9 @@ class Inflater:
                 data = f.read(READ_BYTES)
                 if not data:
                     break
+                if self._archive_hasher is not None:
+                    self._archive_hasher.update(data)
+                    self._hashed += len(data)
             if gz.eof:  # gzip allows members back to back, and zero padding after the last one
                 data = data.lstrip(b"\0")
                 if not data:
@@ -151,10 +159,21 @@ class Inflater:
             left -= len(self._block)
             self._at = len(self._block)
 
+    def hash_rest(self) -> None:
+        """After finish(): stop the thread, then feed archive_hasher the bytes it did not read."""
+        self.close()
+        with open(self._path, "rb", buffering=0) as f:
+            f.seek(self._hashed)
+            while chunk := f.read(READ_BYTES):
+                self._archive_hasher.update(chunk)
+
     def __enter__(self) -> "Inflater":
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
         self._stop.set()
         while self._thread.is_alive():
             try:
