@@ -12,6 +12,9 @@ from executor.bundle import archive, digest
 from executor.bundle.archive import Limits, UnsafeBundle
 
 
+pytestmark = pytest.mark.usefixtures("extraction_threads")
+
+
 @pytest.fixture(autouse=True, params=["auto", "zlib"], ids=["isal", "zlib"])
 def inflate_codec(request, monkeypatch):
     """Every extraction test runs with isal's inflate (installed with the test extra) and with zlib's."""

@@ -13,6 +13,8 @@ from executor.bundle import archive, cache
 from executor.bundle.cache import BundleCache, BundleRef
 from executor.errors import TaskFailure
 
+pytestmark = pytest.mark.usefixtures("extraction_threads")
+
 
 def _bundle(tmp_path, files: dict[str, bytes]) -> str:
     src = tmp_path / "src"

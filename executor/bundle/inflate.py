@@ -32,35 +32,43 @@ def gzip_codec():
 
 
 class Inflater:
-    """Use as a context manager: leaving it stops and joins the thread."""
+    """Use as a context manager: leaving it stops and joins the thread.
 
-    def __init__(self, path: str, archive_hasher=None):
-        """archive_hasher (a hashlib object), when given, is fed every byte of the file: the
-        decompressing thread updates it with what it reads, hash_rest() with anything after."""
-        self._path = path
+    threaded=False decompresses in the reader's own thread, block by block as it reads: for small
+    archives, where starting a thread and handing blocks over costs more than the overlap gains.
+    """
+
+    def __init__(self, path: str, archive_hasher=None, threaded: bool = True):
+        """archive_hasher (a hashlib object), when given, is fed every byte of the file as it is
+        read, and by hash_rest() whatever comes after what extraction needed."""
         self._archive_hasher = archive_hasher
         self._hashed = 0  # bytes of the file fed to archive_hasher so far
         self._codec = gzip_codec()
-        self._blocks: queue.Queue = queue.Queue(DEPTH)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(path,), name="executor-inflate", daemon=True)
         self._block = memoryview(b"")
         self._at = 0  # read position inside _block
         self._offset = 0  # stream offset of _block[_at]
         self._ended = False
-        self._thread.start()
+        self._file = open(path, "rb", buffering=0)
+        self._inline = None if threaded else self._inflate(self._file)
+        self._thread = None
+        if threaded:
+            self._blocks: queue.Queue = queue.Queue(DEPTH)
+            self._thread = threading.Thread(target=self._run, name="executor-inflate", daemon=True)
+            self._thread.start()
 
-    # --- the decompressing thread -----------------------------------------------------------
+    # --- decompressing (in the thread, or inline) ---------------------------------------------
 
-    def _run(self, path: str) -> None:
+    def _run(self) -> None:
         try:
-            with open(path, "rb", buffering=0) as f:
-                self._inflate(f)
+            for block in self._inflate(self._file):
+                self._put(block)
             self._put(_END)
         except BaseException as e:  # handed to the reader, raised there
             self._put(e)
 
-    def _inflate(self, f) -> None:
+    def _inflate(self, f):
+        """Yield the decompressed blocks of the gzip file f."""
         gz = self._codec.decompressobj(31)  # gzip wrapper: zlib checks the CRC-32 and length trailer
         data = b""
         while not self._stop.is_set():
@@ -81,7 +89,7 @@ class Inflater:
             out = gz.decompress(data, BLOCK_BYTES)
             data = gz.unconsumed_tail or gz.unused_data
             if out:
-                self._put(out)
+                yield out
         if not gz.eof and not self._stop.is_set():
             raise EOFError("compressed file ended before the end-of-stream marker was reached")
 
@@ -98,7 +106,10 @@ class Inflater:
     def _next_block(self) -> bool:
         if self._ended:
             return False
-        item = self._blocks.get()
+        try:
+            item = self._blocks.get() if self._inline is None else next(self._inline, _END)
+        except BaseException as e:
+            item = e
         if item is _END:
             self._ended = True
             return False
@@ -160,24 +171,24 @@ class Inflater:
             self._at = len(self._block)
 
     def hash_rest(self) -> None:
-        """After finish(): stop the thread, then feed archive_hasher the bytes it did not read."""
-        self.close()
-        with open(self._path, "rb", buffering=0) as f:
-            f.seek(self._hashed)
-            while chunk := f.read(READ_BYTES):
-                self._archive_hasher.update(chunk)
+        """After finish(): stop decompressing, then feed archive_hasher the bytes not read yet."""
+        self._stop_decompressing()
+        while chunk := self._file.read(READ_BYTES):
+            self._archive_hasher.update(chunk)
 
     def __enter__(self) -> "Inflater":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self._stop_decompressing()
+        self._file.close()
 
-    def close(self) -> None:
+    def _stop_decompressing(self) -> None:
         self._stop.set()
-        while self._thread.is_alive():
-            try:
-                self._blocks.get(timeout=0.1)
-            except queue.Empty:
-                pass
-        self._thread.join()
+        if self._thread is not None:
+            while self._thread.is_alive():
+                try:
+                    self._blocks.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            self._thread.join()

@@ -22,10 +22,15 @@ BUDGET_BYTES = 32 << 20  # handed over but not yet written
 
 
 class Writers:
-    """Use as a context manager: leaving it stops and joins the lanes (nothing writes after it)."""
+    """Use as a context manager: leaving it stops and joins the lanes (nothing writes after it).
+
+    lanes=0 writes in the caller's thread, within submit(): for small bundles, where handing
+    files over costs more than the overlap gains.
+    """
 
     def __init__(self, open_file: Callable[..., int], lanes: int = LANES, budget: int = BUDGET_BYTES):
         self._open_file = open_file
+        self._inline_fd: int | None = None  # lanes=0: the file being written
         self._budget = budget
         self._changed = threading.Condition()
         self._pending = 0  # ops handed over and not yet done
@@ -41,6 +46,9 @@ class Writers:
     def submit(self, open_args: tuple | None, pieces: list, size: int, last: bool) -> None:
         """Hand over a file's next pieces (`size` bytes in all): open_args (passed to open_file)
         starts a new file; None continues the previous one; last closes it."""
+        if not self._queues:
+            self._inline_fd = self._write(self._inline_fd, open_args, pieces, last)
+            return
         if open_args is not None:
             self._current = hash(os.path.dirname(open_args[0])) % len(self._queues)
             if self._threads[self._current].ident is None:
@@ -68,6 +76,8 @@ class Writers:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._inline_fd is not None:
+            os.close(self._inline_fd)
         if exc[0] is not None:
             with self._changed:
                 self._error = self._error or exc[1]  # lanes skip whatever is still queued
@@ -84,18 +94,12 @@ class Writers:
             open_args, pieces, last, size = op
             try:
                 if self._error is None:
-                    if open_args is not None:
-                        fd = self._open_file(*open_args)
-                    for piece in pieces:
-                        while piece:
-                            piece = piece[os.write(fd, piece):]
-                if last and fd is not None:
+                    fd = self._write(fd, open_args, pieces, last)
+                elif last and fd is not None:
                     os.close(fd)
                     fd = None
             except BaseException as e:
-                if fd is not None:
-                    os.close(fd)
-                    fd = None
+                fd = None  # _write closed it
                 with self._changed:
                     self._error = self._error or e
             finally:
@@ -105,3 +109,21 @@ class Writers:
                     self._changed.notify()
         if fd is not None:
             os.close(fd)
+
+    def _write(self, fd: int | None, open_args: tuple | None, pieces: list, last: bool) -> int | None:
+        """One handed-over op: open (open_args), write, close (last); returns the fd still open.
+        On an error the fd is closed before it is raised."""
+        try:
+            if open_args is not None:
+                fd = self._open_file(*open_args)
+            for piece in pieces:
+                while piece:
+                    piece = piece[os.write(fd, piece):]
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        if last:
+            os.close(fd)
+            return None
+        return fd
