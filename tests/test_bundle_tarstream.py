@@ -152,3 +152,18 @@ def test_gnu_tar_archive_matches_tarfile(tmp_path):
         subprocess.run(["tar", f"--format={fmt}", "-cf", str(out), "-C", str(src), "pkg"], check=True)
         data = out.read_bytes()
         assert _ours(data) == _reference(data), fmt
+
+
+@pytest.mark.parametrize("kind", [b"x", b"L"])
+def test_oversized_extended_header_is_refused_before_it_is_read(kind):
+    """A pax or long-name header claiming gigabytes would otherwise be read into memory whole."""
+    header = bytearray(512)
+    header[0:9] = b"././@Long"
+    header[100:108] = b"0000644\0"
+    header[124:136] = b"%011o\0" % (4 << 30)
+    header[156:157] = kind
+    header[257:263] = b"ustar\0"
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    with pytest.raises(tarstream.TarError, match="extended header of 4294967296 bytes"):
+        list(tarstream.members(_Forward(bytes(header) + b"\0" * 4096)))

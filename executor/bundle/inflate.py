@@ -8,8 +8,6 @@ copied on their way to the hasher and to os.write.
 from __future__ import annotations
 
 import os
-import queue
-import threading
 import zlib
 
 READ_BYTES = 256 << 10  # compressed bytes per read
@@ -44,7 +42,7 @@ class Inflater:
         self._archive_hasher = archive_hasher
         self._hashed = 0  # bytes of the file fed to archive_hasher so far
         self._codec = gzip_codec()
-        self._stop = threading.Event()
+        self._stop = False
         self._block = memoryview(b"")
         self._at = 0  # read position inside _block
         self._offset = 0  # stream offset of _block[_at]
@@ -53,7 +51,10 @@ class Inflater:
         self._inline = None if threaded else self._inflate(self._file)
         self._thread = None
         if threaded:
-            self._blocks: queue.Queue = queue.Queue(DEPTH)
+            import queue  # a small bundle's extraction does without them
+            import threading
+
+            self._blocks = queue.Queue(DEPTH)
             self._thread = threading.Thread(target=self._run, name="executor-inflate", daemon=True)
             self._thread.start()
 
@@ -71,7 +72,7 @@ class Inflater:
         """Yield the decompressed blocks of the gzip file f."""
         gz = self._codec.decompressobj(31)  # gzip wrapper: zlib checks the CRC-32 and length trailer
         data = b""
-        while not self._stop.is_set():
+        while not self._stop:
             if not data:
                 data = f.read(READ_BYTES)
                 if not data:
@@ -90,11 +91,13 @@ class Inflater:
             data = gz.unconsumed_tail or gz.unused_data
             if out:
                 yield out
-        if not gz.eof and not self._stop.is_set():
+        if not gz.eof and not self._stop:
             raise EOFError("compressed file ended before the end-of-stream marker was reached")
 
     def _put(self, item) -> None:
-        while not self._stop.is_set():
+        import queue
+
+        while not self._stop:
             try:
                 self._blocks.put(item, timeout=0.1)
                 return
@@ -184,8 +187,10 @@ class Inflater:
         self._file.close()
 
     def _stop_decompressing(self) -> None:
-        self._stop.set()
+        self._stop = True
         if self._thread is not None:
+            import queue
+
             while self._thread.is_alive():
                 try:
                     self._blocks.get(timeout=0.1)

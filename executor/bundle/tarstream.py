@@ -19,6 +19,9 @@ BLOCK = 512
 _SUPPORTED = frozenset(b"01234567\x00LKS")
 _REGULAR = frozenset(b"0\x007S")
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
+# A pax or GNU long-name header's data is read into memory whole: a long path is a few KiB, a
+# header claiming gigabytes is an attack on the reader's memory.
+MAX_EXTENDED_BYTES = 1 << 20
 
 
 class TarError(ValueError):
@@ -100,6 +103,8 @@ def _read_member(stream, global_pax: dict[str, str], first: bool) -> Member | No
         member = _parse_header(buf)
         first = False
         kind = member.type
+        if kind in (0x4C, 0x4B, 0x78, 0x58, 0x67) and member.size > MAX_EXTENDED_BYTES:
+            raise TarError(f"extended header of {member.size} bytes (more than {MAX_EXTENDED_BYTES})")
         if kind in (0x4C, 0x4B):  # "L", "K": GNU long name or link target in the data blocks
             data = _nts(stream.read(_blocks(member.size)))
             if kind == 0x4C:

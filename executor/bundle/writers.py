@@ -13,9 +13,6 @@ in the caller's thread, by the next submit() or by wait().
 from __future__ import annotations
 
 import os
-import queue
-import threading
-from typing import Callable
 
 LANES = 3
 BUDGET_BYTES = 32 << 20  # handed over but not yet written
@@ -28,18 +25,25 @@ class Writers:
     files over costs more than the overlap gains.
     """
 
-    def __init__(self, open_file: Callable[..., int], lanes: int = LANES, budget: int = BUDGET_BYTES):
+    def __init__(self, open_file, lanes: int = LANES, budget: int = BUDGET_BYTES):
+        """open_file(*open_args) -> fd opens each file handed over."""
         self._open_file = open_file
         self._inline_fd: int | None = None  # lanes=0: the file being written
         self._budget = budget
-        self._changed = threading.Condition()
         self._pending = 0  # ops handed over and not yet done
         self._pending_bytes = 0
         self._error: BaseException | None = None
-        self._queues = [queue.SimpleQueue() for _ in range(lanes)]
-        self._threads = [threading.Thread(target=self._lane, args=(q,), name=f"executor-write-{i}", daemon=True)
-                         for i, q in enumerate(self._queues)]
+        self._queues: list = []
+        self._threads: list = []
         self._current = 0  # lane of the file being handed over
+        if lanes:
+            import queue  # lanes only: a small bundle's extraction does not import them
+            import threading
+
+            self._changed = threading.Condition()
+            self._queues = [queue.SimpleQueue() for _ in range(lanes)]
+            self._threads = [threading.Thread(target=self._lane, args=(q,), name=f"executor-write-{i}", daemon=True)
+                             for i, q in enumerate(self._queues)]
 
     # --- the caller's side ------------------------------------------------------------------
 
@@ -63,6 +67,8 @@ class Writers:
 
     def wait(self) -> None:
         """Return once everything handed over is written (or raise the first error)."""
+        if not self._queues:
+            return  # inline: written within submit()
         with self._changed:
             while self._pending and self._error is None:
                 self._changed.wait()
@@ -78,7 +84,7 @@ class Writers:
     def __exit__(self, *exc) -> None:
         if self._inline_fd is not None:
             os.close(self._inline_fd)
-        if exc[0] is not None:
+        if exc[0] is not None and self._queues:
             with self._changed:
                 self._error = self._error or exc[1]  # lanes skip whatever is still queued
         for q, thread in zip(self._queues, self._threads):
@@ -88,7 +94,7 @@ class Writers:
 
     # --- a lane -----------------------------------------------------------------------------
 
-    def _lane(self, ops: queue.SimpleQueue) -> None:
+    def _lane(self, ops) -> None:
         fd = None
         while (op := ops.get()) is not None:
             open_args, pieces, last, size = op
