@@ -168,6 +168,15 @@ class ObstoreS3:
             result = obstore.get(store, key)
         return _Reader(result.stream(min_chunk_size=block_size))
 
+    def open_range(self, path: str, start: int, end: int) -> "_Reader":
+        """A reader of bytes [start, end) as they arrive: one ranged GET, streamed."""
+        import obstore
+
+        store, key = self._store_and_key(path)
+        with _translated_errors():
+            result = obstore.get(store, key, options={"range": (start, end)})
+        return _Reader(result.stream(min_chunk_size=1 << 20))
+
     def open_with_info(self, path: str) -> tuple["_Reader", dict]:
         """One GET: a reader of the body, and the size and ETag that came with it."""
         import obstore

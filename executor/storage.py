@@ -175,7 +175,7 @@ def download_hashed(uri: str, local_path: str, durable: bool = True) -> tuple[st
         return result[0], None
 
     threshold = int(os.environ.get("EXECUTOR_PARALLEL_DOWNLOAD_BYTES", 64 << 20))
-    part = int(os.environ.get("EXECUTOR_DOWNLOAD_PART_BYTES", 16 << 20))
+    part = int(os.environ.get("EXECUTOR_DOWNLOAD_PART_BYTES", 0)) or None  # None: the client's default
 
     fs = _filesystem(uri)
     path = fs._strip_protocol(uri)
@@ -188,7 +188,7 @@ def download_hashed(uri: str, local_path: str, durable: bool = True) -> tuple[st
         hasher = hashlib.md5()
         tmp = _temp_path(local_path)
         try:
-            with open(tmp, "wb") as out:
+            with open(tmp, "w+b") as out:  # w+: streamed ranges are hashed back from the file
                 if size >= threshold:
                     if reader is not None:
                         reader.close()  # big: fetched again as parallel ranges
@@ -217,11 +217,92 @@ class _Truncated(ConnectionError):
     """A body shorter than the object: transient (the connection dropped)."""
 
 
-def _ranged_copy(fs, path: str, size: int, part: int, out, hasher, workers: int = 4) -> None:
+_WORKERS = 4  # ranged GETs at a time
+
+
+def _ranged_copy(fs, path: str, size: int, part: int | None, out, hasher) -> None:
+    if hasattr(fs, "open_range"):
+        _streamed_ranges(fs, path, size, part or -(-size // _WORKERS), out, hasher)
+    else:
+        _buffered_ranges(fs, path, size, part or 16 << 20, out, hasher)
+
+
+def _spans(size: int, part: int) -> list[tuple[int, int]]:
+    return [(start, min(start + part, size)) for start in range(0, size, part)]
+
+
+def _streamed_ranges(fs, path: str, size: int, part: int, out, hasher, workers: int = _WORKERS) -> None:
+    """Each range streamed straight into its place in the file as it arrives (memory: a chunk per
+    worker, so a range can be large: by default one per worker, one GET each), while this thread
+    hashes the file's growing prefix in order, read back from the page cache."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    spans = _spans(size, part)
+    written = [start for start, _ in spans]  # per range: the offset written up to
+    ended = [False] * len(spans)  # per range: its worker is done with it (or gave up)
+    changed = threading.Condition()
+    failed = threading.Event()
+    fd = out.fileno()
+
+    def fetch(i: int) -> None:
+        start, end = spans[i]
+        at = start
+        try:
+            if failed.is_set():
+                return
+            with fs.open_range(path, start, end) as reader:
+                while not failed.is_set() and (chunk := reader.read()):
+                    view = memoryview(chunk)
+                    while view:
+                        n = os.pwrite(fd, view, at)
+                        view, at = view[n:], at + n
+                    with changed:
+                        written[i] = at
+                        changed.notify_all()
+            if at != end and not failed.is_set():
+                raise _Truncated(f"range {start}-{end} returned {at - start} bytes")
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            with changed:
+                ended[i] = True
+                changed.notify_all()
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="executor-download") as pool:
+        try:
+            futures = [pool.submit(fetch, i) for i in range(len(spans))]
+            hashed = 0
+            for i, (_, end) in enumerate(spans):
+                while hashed < end:
+                    with changed:
+                        while written[i] <= hashed and not ended[i]:
+                            changed.wait()
+                        ready = written[i]
+                    if ready <= hashed:  # ended short: the first error of any range says why
+                        failed.set()
+                        for future in futures:
+                            if future.exception() is not None:
+                                raise future.exception()
+                        raise _Truncated(f"range {spans[i][0]}-{end} stopped at {ready}")
+                    while hashed < ready:
+                        data = os.pread(fd, min(ready - hashed, 1 << 20), hashed)
+                        hasher.update(data)
+                        hashed += len(data)
+        except BaseException:
+            failed.set()
+            raise
+    out.seek(size)  # written through the fd: the caller checks the file object's size
+
+
+def _buffered_ranges(fs, path: str, size: int, part: int, out, hasher, workers: int = _WORKERS) -> None:
+    """Ranges fetched whole into memory (fsspec's cat_file), a bounded window of them, written and
+    hashed in order."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    ranges = iter([(start, min(start + part, size)) for start in range(0, size, part)])
+    ranges = iter(_spans(size, part))
     with ThreadPoolExecutor(workers, thread_name_prefix="executor-download") as pool:
         window: deque = deque()
 

@@ -527,6 +527,47 @@ def test_download_hashed_parallel_ranges_on_s3(s3_client, tmp_path, moto_s3, fau
     assert len(ranged) == 8  # ceil(1_000_000 / 131072)
 
 
+@pytest.mark.parametrize("client, ranges", [("obstore", 4), ("s3fs", 1)])
+def test_download_hashed_default_parts(client, ranges, tmp_path, moto_s3, fault_proxy, monkeypatch):
+    """obstore streams each range into the file, so by default it takes one large range per worker;
+    s3fs holds each range in memory, so it keeps them at 16 MiB."""
+    import hashlib
+
+    bucket = moto_s3.make_bucket()
+    data = os.urandom(3_000_001)
+    moto_s3.put(bucket, "big.bin", data)
+    proxy = fault_proxy(moto_s3.host, moto_s3.port)
+    for k, v in {**moto_s3.env, "FLYTE_AWS_ENDPOINT": proxy.endpoint, "EXECUTOR_S3_CLIENT": client,
+                 "EXECUTOR_PARALLEL_DOWNLOAD_BYTES": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("EXECUTOR_DOWNLOAD_PART_BYTES", raising=False)
+    md5, _ = storage.download_hashed(f"s3://{bucket}/big.bin", str(tmp_path / "big.bin"))
+    assert md5 == hashlib.md5(data).hexdigest()
+    assert (tmp_path / "big.bin").read_bytes() == data
+    ranged = [r for r in proxy.requests if r.method == "GET" and "range" in {k.lower() for k in r.headers}]
+    assert len(ranged) == ranges
+
+
+# (s3fs: botocore itself retries a reset connection, so only a refusal fails its download)
+@pytest.mark.parametrize("client, fault", [("obstore", "FORBIDDEN"), ("obstore", "RESET"), ("s3fs", "FORBIDDEN")])
+def test_a_failing_range_stops_the_others_and_says_why(client, fault, tmp_path, moto_s3, fault_proxy, monkeypatch):
+    from tests.rig import object_stores
+
+    monkeypatch.setenv("EXECUTOR_S3_CLIENT", client)
+    bucket = moto_s3.make_bucket()
+    moto_s3.put(bucket, "big.bin", os.urandom(400_000))
+    proxy = fault_proxy(moto_s3.host, moto_s3.port)
+    for k, v in {**moto_s3.env, "FLYTE_AWS_ENDPOINT": proxy.endpoint, "EXECUTOR_STORAGE_RETRY_BASE_DELAY": "0.01",
+                 "EXECUTOR_STORAGE_RETRY_ATTEMPTS": "1", "EXECUTOR_PARALLEL_DOWNLOAD_BYTES": "1",
+                 "EXECUTOR_DOWNLOAD_PART_BYTES": str(100_000)}.items():
+        monkeypatch.setenv(k, v)
+    proxy.enqueue(object_stores.PASS, object_stores.PASS, getattr(object_stores, fault))  # the second range fails
+    with pytest.raises(storage.StorageError) as failure:
+        storage.download_hashed(f"s3://{bucket}/big.bin", str(tmp_path / "big.bin"))
+    assert ("403" in str(failure.value) or "denied" in str(failure.value).lower()) if fault == "FORBIDDEN" else True
+    assert not (tmp_path / "big.bin").exists() and os.listdir(tmp_path) == []
+
+
 def test_download_hashed_retries_a_truncated_range(s3_client, tmp_path, moto_s3, fault_proxy, monkeypatch):
     import hashlib
 
