@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,34 @@ def test_module_state_never_leaks_between_isolated_invocations(server, tmp_path)
     inproc = [s.run(invocation(tmp_path, f"inproc-{i}", "count_calls", {"x": i}, isolation="inprocess"))
               and output_value(tmp_path, f"inproc-{i}") for i in range(3)]
     assert inproc == [1, 2, 3]
+
+
+def test_spares_are_forked_between_attempts_not_during_them(server, tmp_path):
+    import psutil
+
+    s = server("--concurrency", "2")
+    assert s.run(invocation(tmp_path, "first", "add", {"a": 1, "b": 1}))["result"]["outcome"] == "success"
+    fork_server = psutil.Process(s.proc.pid).children()[0]
+
+    def spares() -> set[int]:
+        zygotes = [c for c in fork_server.children() if c.children()]
+        return {c.pid for z in zygotes for c in z.children()}
+
+    def settled() -> set[int] | None:
+        before = spares()
+        time.sleep(0.3)
+        return before if len(before) >= 2 and spares() == before else None
+
+    idle = wait_for(settled, what="the spares to be made")
+    assert s.post(invocation(tmp_path, "slow", "sleepy", {"seconds": 1.5}, env=scratch_env(tmp_path, "slow")))[0] == 202
+    wait_for(lambda: (tmp_path / "scratch-slow" / "started").exists(), what="the task to start")
+    running = int((tmp_path / "scratch-slow" / "started").read_text())
+    assert running in idle
+    for _ in range(10):  # a spare is still in hand: none is forked while the attempt runs
+        assert spares() == idle
+        time.sleep(0.05)
+    assert s.wait_done("slow")["result"]["outcome"] == "success"
+    wait_for(lambda: running not in spares() and len(spares()) >= 2, what="the spares after the attempt")
 
 
 @pytest.mark.parametrize("isolation", ["fork", "inprocess"])
