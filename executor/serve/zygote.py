@@ -92,6 +92,7 @@ def _serve(sock: socket.socket, close: list[int], forget) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_w)
     own = [sock.fileno(), wake_r, wake_w]
+    warm = False
     while True:
         for fd in watch.wait_readable([sock.fileno(), wake_r], 60.0):
             if fd == wake_r:
@@ -105,6 +106,9 @@ def _serve(sock: socket.socket, close: list[int], forget) -> None:
             if not data:
                 return
             _, template, scratch_dir = pickle.loads(data)
+            if template is not None and not warm:
+                runner_module.warm_up(template, scratch_dir)
+                warm = True
             runner = runner_module.fork(one_shot=True, relay=False, close=own, forget=lambda: None,
                                         rehearse=template, scratch_dir=scratch_dir)
             proc = runner.proc
