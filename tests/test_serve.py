@@ -131,6 +131,51 @@ def test_unusable_requests_are_400_and_name_the_problem(server, tmp_path, body, 
     assert s.metric("executor_serve_invocations_total", outcome="failure", code="USER") == 0
 
 
+def test_raw_http_headers_keep_alive_expect_and_limits(server, tmp_path):
+    import socket
+
+    s = server()
+    body = json.dumps(invocation(tmp_path, "raw", "add", {"a": 2, "b": 3})).encode()
+
+    def exchange(sock, request: bytes) -> bytes:
+        sock.sendall(request)
+        sock.settimeout(60)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _content_length(data):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    with socket.create_connection(("127.0.0.1", s.port)) as sock:  # lower-case names; the connection stays open
+        answer = exchange(sock, b"POST /invocations?wait=60 HTTP/1.1\r\nhost: x\r\ncontent-LENGTH: %d\r\n\r\n%s"
+                          % (len(body), body))
+        assert answer.startswith(b"HTTP/1.1 200 ") and b'"outcome": "success"' in answer
+        assert exchange(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+        answer = exchange(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in answer and sock.recv(1) == b""
+    with socket.create_connection(("127.0.0.1", s.port)) as sock:  # curl's way with a large body
+        sock.settimeout(60)
+        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue")
+        assert exchange(sock, body).startswith(b"HTTP/1.1 200 ")  # already done: the same invocation
+    with socket.create_connection(("127.0.0.1", s.port)) as sock:
+        many = b"".join(b"X-%d: y\r\n" % i for i in range(101))
+        assert exchange(sock, b"GET /healthz HTTP/1.1\r\n" + many + b"\r\n").startswith(b"HTTP/1.1 431 ")
+    with socket.create_connection(("127.0.0.1", s.port)) as sock:  # HTTP/1.0: the standard parse, then close
+        answer = exchange(sock, b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 ") and sock.recv(1) == b""
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
 def test_unknown_ids_and_routes(server):
     s = server()
     assert s.get("nope")[0] == 404
