@@ -265,6 +265,18 @@ def test_module_state_never_leaks_between_isolated_invocations(server, tmp_path)
     assert inproc == [1, 2, 3]
 
 
+def test_a_task_that_does_not_load_fails_alone(server, tmp_path):
+    # The first invocation is what the pool's zygote rehearses before its first spare: that it cannot
+    # load the task changes nothing for the invocations after it.
+    s = server("--concurrency", "1")
+    broken = s.run(invocation(tmp_path, "broken", "no_such_task", {"a": 1, "b": 1}))["result"]
+    assert broken["outcome"] == "failure" and broken["error"]["phase"] == "load", broken
+    assert error_doc(tmp_path, "broken").code == broken["error"]["code"]
+    for i in range(3):
+        assert s.run(invocation(tmp_path, f"fine-{i}", "add", {"a": i, "b": 1}))["result"]["outcome"] == "success"
+        assert output_value(tmp_path, f"fine-{i}") == i + 1
+
+
 def test_spares_are_forked_between_attempts_not_during_them(server, tmp_path):
     import psutil
 
