@@ -26,7 +26,8 @@ from executor import watch
 from executor.serve import isolation
 from executor.serve import runner as runner_module
 
-_MAX_MESSAGE = 1 << 18
+_MAX_MESSAGE = 1 << 18  # a request carries an invocation
+_MAX_EVENT = 1 << 12  # an event is a pid, a status and a rusage: a buffer of _MAX_MESSAGE would be mmapped each time
 
 
 class Zygote:
@@ -58,7 +59,7 @@ class Zygote:
     def receive(self) -> tuple | None:
         """One event: ("spare", runner) or ("exit", pid, status, rusage); None once the zygote is gone."""
         try:
-            data, fds, _, _ = socket.recv_fds(self.sock, _MAX_MESSAGE, 4)
+            data, fds, _, _ = socket.recv_fds(self.sock, _MAX_EVENT, 4)
         except OSError:
             return None
         if not data:
