@@ -62,6 +62,43 @@ def _build_parser(command: str):
     return parser
 
 
+@functools.lru_cache(maxsize=None)
+def _flag_types(command: str) -> dict:
+    """The flags _build_parser declares, each with its type (bool: a switch)."""
+    types = {**dict.fromkeys(_COMMON_FLAGS, str), "--test": bool, **{flag: kind for flag, kind, _, _ in _RUNTIME_FLAGS}}
+    if command == "pyflyte-map-execute":
+        types["--max-concurrency"] = int
+    return types
+
+
+def _parse_plain(command: str, options: list[str]):
+    """The options as flytekit writes them (known flags, each with its value) without argparse, whose
+    import and parse cost more than the rest of a warm invocation's admission. The same namespace
+    argparse would make, or None for anything else: argparse then parses it, or names the problem."""
+    from types import SimpleNamespace
+
+    types = _flag_types(command)
+    dest = {flag: flag[2:].replace("-", "_") for flag in types}  # argparse's attribute names
+    values = {dest[flag]: False if kind is bool else None for flag, kind in types.items()}
+    i = 0
+    while i < len(options):
+        kind = types.get(options[i])
+        if kind is bool:
+            values[dest[options[i]]] = True
+            i += 1
+            continue
+        if kind is None or i + 1 == len(options) or options[i + 1].startswith("-"):
+            return None
+        try:
+            values[dest[options[i]]] = kind(options[i + 1])
+        except ValueError:
+            return None
+        i += 2
+    if values["inputs"] is None or values["output_prefix"] is None:
+        return None
+    return SimpleNamespace(**values, resolver_args=[])
+
+
 def parse_fast_execute(argv: list[str]) -> Invocation:
     """pyflyte-fast-execute --additional-distribution U --dest-dir D [--bundle-md5 M] -- pyflyte-execute ..."""
     import argparse
@@ -102,12 +139,17 @@ def parse_fast_execute(argv: list[str]) -> Invocation:
     )
 
 
+# Our additions to every front-end (flytekit's argv never contains them): flag, type, metavar, help.
+_RUNTIME_FLAGS = (
+    ("--task-template", str, "URI", "TaskTemplate .pb: env, timeout, retries, secrets"),
+    ("--secrets-dir", str, "DIR", "local secrets as DIR/group/key files (debugging)"),
+    ("--grace-period", float, "SECONDS", "SIGTERM to SIGKILL grace for the task (default EXECUTOR_GRACE_SECONDS or 25)"),
+)
+
+
 def _add_runtime_flags(parser) -> None:
-    """Our additions to every front-end (flytekit's argv never contains them)."""
-    parser.add_argument("--task-template", metavar="URI", help="TaskTemplate .pb: env, timeout, retries, secrets")
-    parser.add_argument("--secrets-dir", metavar="DIR", help="local secrets as DIR/group/key files (debugging)")
-    parser.add_argument("--grace-period", type=float, metavar="SECONDS",
-                        help="SIGTERM to SIGKILL grace for the task (default EXECUTOR_GRACE_SECONDS or 25)")
+    for flag, kind, metavar, text in _RUNTIME_FLAGS:
+        parser.add_argument(flag, type=kind, metavar=metavar, help=text)
 
 
 def _runtime_fields(ns) -> dict:
@@ -121,8 +163,7 @@ def parse_flyte1(command: str, argv: list[str]) -> Invocation:
         options, trailing = argv[:split], argv[split + 1 :]
     else:
         options, trailing = argv, []
-    parser = _build_parser(command)
-    ns = parser.parse_args(options)
+    ns = _parse_plain(command, options) or _build_parser(command).parse_args(options)
     resolver_args = tuple(ns.resolver_args) + tuple(trailing)
     for flag, value in (("--inputs", ns.inputs), ("--output-prefix", ns.output_prefix)):
         if not value or _unrendered(value):

@@ -161,9 +161,11 @@ class Reporter:
 
 def become_supervised(dump_w: int, relay: "OutputRelay | None") -> None:
     """In a freshly forked process: its own process group, default signals, stacks on SIGUSR1."""
+    import _signal  # signal.signal without its enum wrapping: in a forked child that costs ~40 page copies
+
     os.setpgid(0, 0)  # its own process group: the whole tree can be signalled at once
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-        signal.signal(s, signal.SIG_DFL)
+        _signal.signal(s, _signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
     import faulthandler
 

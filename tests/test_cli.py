@@ -90,3 +90,35 @@ def test_help_and_version():
     assert run.returncode == 0 and "--raw-output-data-prefix" in run.stdout
     run = run_executor(["version"])
     assert run.returncode == 0 and run.stdout.startswith("executor ")
+
+
+@pytest.mark.parametrize("command, options", [
+    ("pyflyte-execute", BASE + ["--resolver", DEFAULT_RESOLVER]),
+    ("pyflyte-execute", BASE + ["--raw-output-data-prefix", "s3://b/raw", "--checkpoint-path", "s3://b/ck",
+                                "--prev-checkpoint", '""', "--dynamic-addl-distro", "", "--test", "--resolver", "r"]),
+    ("pyflyte-execute", BASE + ["--task-template", "/t.pb", "--secrets-dir", "/s", "--grace-period", "2.5",
+                                "--inputs", "s3://b/again"]),  # repeated: the last one, as argparse
+    ("pyflyte-map-execute", BASE + ["--max-concurrency", "4", "--resolver", MAP_RESOLVER]),
+])
+def test_plain_parse_makes_what_argparse_makes(command, options):
+    from executor.cli import _build_parser, _parse_plain
+
+    plain = _parse_plain(command, options)
+    assert plain is not None and vars(plain) == vars(_build_parser(command).parse_args(options))
+
+
+@pytest.mark.parametrize("command, options", [
+    ("pyflyte-execute", ["--output-prefix", "x"]),  # a required flag missing: argparse names it
+    ("pyflyte-execute", BASE + ["--bogus", "1"]),
+    ("pyflyte-execute", BASE + ["--inputs=s3://b/x"]),
+    ("pyflyte-execute", BASE + ["--grace-period", "-1"]),  # a value that looks like a flag
+    ("pyflyte-execute", BASE + ["--grace-period", "soon"]),
+    ("pyflyte-execute", BASE + ["--resolver"]),
+    ("pyflyte-execute", BASE + ["task-module", "m"]),  # resolver arguments without "--"
+    ("pyflyte-execute", BASE + ["--max-concurrency", "2"]),
+    ("pyflyte-map-execute", BASE + ["--max-concurrency", "many"]),
+])
+def test_plain_parse_leaves_anything_else_to_argparse(command, options):
+    from executor.cli import _parse_plain
+
+    assert _parse_plain(command, options) is None

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,51 @@ def test_unusable_requests_are_400_and_name_the_problem(server, tmp_path, body, 
     assert s.metric("executor_serve_invocations_total", outcome="failure", code="USER") == 0
 
 
+def test_raw_http_headers_keep_alive_expect_and_limits(server, tmp_path):
+    import socket
+
+    s = server()
+    body = json.dumps(invocation(tmp_path, "raw", "add", {"a": 2, "b": 3})).encode()
+
+    def exchange(sock, request: bytes) -> bytes:
+        sock.sendall(request)
+        sock.settimeout(60)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _content_length(data):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    with socket.create_connection(("127.0.0.1", s.port)) as sock:  # lower-case names; the connection stays open
+        answer = exchange(sock, b"POST /invocations?wait=60 HTTP/1.1\r\nhost: x\r\ncontent-LENGTH: %d\r\n\r\n%s"
+                          % (len(body), body))
+        assert answer.startswith(b"HTTP/1.1 200 ") and b'"outcome": "success"' in answer
+        assert exchange(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+        answer = exchange(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in answer and sock.recv(1) == b""
+    with socket.create_connection(("127.0.0.1", s.port)) as sock:  # curl's way with a large body
+        sock.settimeout(60)
+        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue")
+        assert exchange(sock, body).startswith(b"HTTP/1.1 200 ")  # already done: the same invocation
+    with socket.create_connection(("127.0.0.1", s.port)) as sock:
+        many = b"".join(b"X-%d: y\r\n" % i for i in range(101))
+        assert exchange(sock, b"GET /healthz HTTP/1.1\r\n" + many + b"\r\n").startswith(b"HTTP/1.1 431 ")
+    with socket.create_connection(("127.0.0.1", s.port)) as sock:  # HTTP/1.0: the standard parse, then close
+        answer = exchange(sock, b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 ") and sock.recv(1) == b""
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
 def test_unknown_ids_and_routes(server):
     s = server()
     assert s.get("nope")[0] == 404
@@ -217,6 +263,46 @@ def test_module_state_never_leaks_between_isolated_invocations(server, tmp_path)
     inproc = [s.run(invocation(tmp_path, f"inproc-{i}", "count_calls", {"x": i}, isolation="inprocess"))
               and output_value(tmp_path, f"inproc-{i}") for i in range(3)]
     assert inproc == [1, 2, 3]
+
+
+def test_a_task_that_does_not_load_fails_alone(server, tmp_path):
+    # The first invocation is what the pool's zygote rehearses before its first spare: that it cannot
+    # load the task changes nothing for the invocations after it.
+    s = server("--concurrency", "1")
+    broken = s.run(invocation(tmp_path, "broken", "no_such_task", {"a": 1, "b": 1}))["result"]
+    assert broken["outcome"] == "failure" and broken["error"]["phase"] == "load", broken
+    assert error_doc(tmp_path, "broken").code == broken["error"]["code"]
+    for i in range(3):
+        assert s.run(invocation(tmp_path, f"fine-{i}", "add", {"a": i, "b": 1}))["result"]["outcome"] == "success"
+        assert output_value(tmp_path, f"fine-{i}") == i + 1
+
+
+def test_spares_are_forked_between_attempts_not_during_them(server, tmp_path):
+    import psutil
+
+    s = server("--concurrency", "2")
+    assert s.run(invocation(tmp_path, "first", "add", {"a": 1, "b": 1}))["result"]["outcome"] == "success"
+    fork_server = psutil.Process(s.proc.pid).children()[0]
+
+    def spares() -> set[int]:
+        zygotes = [c for c in fork_server.children() if c.children()]
+        return {c.pid for z in zygotes for c in z.children()}
+
+    def settled() -> set[int] | None:
+        before = spares()
+        time.sleep(0.3)
+        return before if len(before) >= 2 and spares() == before else None
+
+    idle = wait_for(settled, what="the spares to be made")
+    assert s.post(invocation(tmp_path, "slow", "sleepy", {"seconds": 1.5}, env=scratch_env(tmp_path, "slow")))[0] == 202
+    wait_for(lambda: (tmp_path / "scratch-slow" / "started").exists(), what="the task to start")
+    running = int((tmp_path / "scratch-slow" / "started").read_text())
+    assert running in idle
+    for _ in range(10):  # a spare is still in hand: none is forked while the attempt runs
+        assert spares() == idle
+        time.sleep(0.05)
+    assert s.wait_done("slow")["result"]["outcome"] == "success"
+    wait_for(lambda: running not in spares() and len(spares()) >= 2, what="the spares after the attempt")
 
 
 @pytest.mark.parametrize("isolation", ["fork", "inprocess"])

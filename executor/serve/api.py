@@ -32,6 +32,14 @@ from executor.serve.server import Answer, RequestError, Server
 
 MAX_BODY = 4 << 20
 MAX_WAIT = 3600.0
+MAX_LINE, MAX_HEADERS = 65536, 100  # http.client's limits
+
+
+class _Headers(dict):
+    """Request headers by lower-cased name; get() as email.message's (the first of repeated ones)."""
+
+    def get(self, name: str, default=None):
+        return super().get(name.lower(), default)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -42,6 +50,35 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # noqa: A002 - http.server's signature (its errors only, now)
         logs.debug("http", detail=format % args)
+
+    def parse_request(self) -> bool:
+        """An HTTP/1.1 request's headers read by a plain loop: http.client's email parser costs more
+        than the rest of a request's handling. Anything else goes to the standard parse."""
+        words = self.raw_requestline.split()
+        if len(words) != 3 or words[2] != b"HTTP/1.1" or words[1].startswith(b"//"):
+            return super().parse_request()
+        self.request_version = "HTTP/1.1"
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        self.command, self.path = str(words[0], "iso-8859-1"), str(words[1], "iso-8859-1")
+        self.headers = headers = _Headers()
+        for _ in range(MAX_HEADERS + 1):
+            line = self.rfile.readline(MAX_LINE + 1)
+            if len(line) > MAX_LINE:
+                self.close_connection = True
+                self.send_error(431, "Line too long")
+                return False
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = str(line, "iso-8859-1").partition(":")
+            headers.setdefault(name.strip().lower(), value.strip())
+        else:
+            self.close_connection = True
+            self.send_error(431, "Too many headers")
+            return False
+        self.close_connection = headers.get("Connection", "").lower() == "close"
+        if headers.get("Expect", "").lower() == "100-continue":
+            return self.handle_expect_100()
+        return True
 
     # --- routing -----------------------------------------------------------------------------------
 

@@ -548,15 +548,21 @@ class ForkServer:
         return None
 
     def _refill_spares(self) -> None:
-        """Keep isolated children forked ahead of need, one more than run now: the fork, its set-up and a
-        rehearsal of the attempt's code leave the invocation's path. The zygote forks them."""
+        """Keep isolated children forked ahead of need, two more than run now: the fork, its set-up and a
+        rehearsal of the attempt's code leave the invocation's path. The zygote forks them.
+
+        While attempts run and a spare is still in hand, the refill waits for them: a fork and a
+        rehearsal would take the CPU from the attempts (on a small machine, from the very invocation
+        a caller waits for), and the spare in hand serves the next invocation meanwhile."""
         self.spares = [r for r in self.spares if not r.proc.exited]
         if not self.warm or self.template is None or (self.exiting and not self.awaiting):
             return
         if self.zygote is None:
             self.zygote = Zygote(close=self._own_fds(), forget=lambda: self._forget_everything_but(None))
         running = sum(1 for job in self.busy.values() if job.runner is not None and job.runner.one_shot)
-        want = (0 if self.exiting else min(MAX_SPARES, 1 + running)) + len(self.awaiting)
+        if running and self.spares and not self.awaiting:
+            return
+        want = (0 if self.exiting else min(MAX_SPARES, 2 + running)) + len(self.awaiting)
         # A spare someone already waits for skips the rehearsal: it would only make them wait longer.
         template = None if self.awaiting else self.template
         for _ in range(want - len(self.spares) - self.zygote.pending):

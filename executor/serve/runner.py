@@ -110,6 +110,17 @@ def _runner_memory() -> dict:
     return {"rss": rss, "peak_rss": rss}
 
 
+WARM_UP_REHEARSALS = 16
+
+
+def warm_up(invocation, scratch_dir: str) -> None:
+    """In the zygote, before its first fork: rehearse a few times, so that every spare inherits the
+    attempt's code already specialized by the interpreter (PEP 659) instead of specializing it, and
+    copying the pages that writes, itself."""
+    for _ in range(WARM_UP_REHEARSALS):
+        _rehearse(invocation, scratch_dir)
+
+
 def _rehearse(invocation, scratch_dir: str) -> None:
     """Before a spare has an invocation: walk the code an attempt walks (load the task, a phase,
     protobuf and the literal types, an atomic write, a report line), so that the copy-on-write page

@@ -26,7 +26,8 @@ from executor import watch
 from executor.serve import isolation
 from executor.serve import runner as runner_module
 
-_MAX_MESSAGE = 1 << 18
+_MAX_MESSAGE = 1 << 18  # a request carries an invocation
+_MAX_EVENT = 1 << 12  # an event is a pid, a status and a rusage: a buffer of _MAX_MESSAGE would be mmapped each time
 
 
 class Zygote:
@@ -58,7 +59,7 @@ class Zygote:
     def receive(self) -> tuple | None:
         """One event: ("spare", runner) or ("exit", pid, status, rusage); None once the zygote is gone."""
         try:
-            data, fds, _, _ = socket.recv_fds(self.sock, _MAX_MESSAGE, 4)
+            data, fds, _, _ = socket.recv_fds(self.sock, _MAX_EVENT, 4)
         except OSError:
             return None
         if not data:
@@ -92,6 +93,7 @@ def _serve(sock: socket.socket, close: list[int], forget) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_w)
     own = [sock.fileno(), wake_r, wake_w]
+    warm = False
     while True:
         for fd in watch.wait_readable([sock.fileno(), wake_r], 60.0):
             if fd == wake_r:
@@ -105,6 +107,9 @@ def _serve(sock: socket.socket, close: list[int], forget) -> None:
             if not data:
                 return
             _, template, scratch_dir = pickle.loads(data)
+            if template is not None and not warm:
+                runner_module.warm_up(template, scratch_dir)
+                warm = True
             runner = runner_module.fork(one_shot=True, relay=False, close=own, forget=lambda: None,
                                         rehearse=template, scratch_dir=scratch_dir)
             proc = runner.proc
