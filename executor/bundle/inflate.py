@@ -55,6 +55,7 @@ class Inflater:
             import threading
 
             self._blocks = queue.Queue(DEPTH)
+            self._full, self._empty = queue.Full, queue.Empty
             self._thread = threading.Thread(target=self._run, name="executor-inflate", daemon=True)
             self._thread.start()
 
@@ -95,13 +96,11 @@ class Inflater:
             raise EOFError("compressed file ended before the end-of-stream marker was reached")
 
     def _put(self, item) -> None:
-        import queue
-
         while not self._stop:
             try:
                 self._blocks.put(item, timeout=0.1)
                 return
-            except queue.Full:
+            except self._full:
                 continue
 
     # --- the reader -------------------------------------------------------------------------
@@ -189,11 +188,9 @@ class Inflater:
     def _stop_decompressing(self) -> None:
         self._stop = True
         if self._thread is not None:
-            import queue
-
             while self._thread.is_alive():
                 try:
                     self._blocks.get(timeout=0.1)
-                except queue.Empty:
+                except self._empty:
                     pass
             self._thread.join()
