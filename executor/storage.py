@@ -157,15 +157,15 @@ def download_hashed(uri: str, local_path: str, durable: bool = True) -> tuple[st
     EXECUTOR_PARALLEL_DOWNLOAD_BYTES (default 64 MiB) are fetched as parallel ranged GETs, hashed
     in order as the parts arrive.
     """
-    import hashlib
+    from executor.md5 import md5
 
     src = _local_path(uri)
     if src is not None:
         result: list[str] = []
 
         def copy_local(out) -> None:
-            hasher = hashlib.md5()
             with _open_local(uri, src) as f:
+                hasher = md5(os.fstat(f.fileno()).st_size)
                 while chunk := f.read(1 << 20):
                     hasher.update(chunk)
                     out.write(chunk)
@@ -185,7 +185,7 @@ def download_hashed(uri: str, local_path: str, durable: bool = True) -> tuple[st
         # obstore answers size and ETag with the body of one GET; s3fs and gcsfs need a HEAD first.
         reader, info = fs.open_with_info(path) if hasattr(fs, "open_with_info") else (None, fs.info(path))
         size = int(info.get("size") or 0)
-        hasher = hashlib.md5()
+        hasher = md5(size, threaded=size >= threshold)  # parallel ranges: other threads fetch while it hashes
         tmp = _temp_path(local_path)
         try:
             with open(tmp, "w+b") as out:  # w+: streamed ranges are hashed back from the file

@@ -131,7 +131,7 @@ def test_damaged_local_bundle_with_a_wrong_md5_is_reported_as_the_md5_mismatch(t
     assert f"archive md5 is {_md5(path)}, expected {expected}" in str(failure.value)
 
 
-def test_archive_md5_covers_bytes_after_the_tar_end_that_extraction_leaves_unread(tmp_path):
+def test_archive_md5_covers_bytes_after_the_tar_end_that_extraction_leaves_unread(tmp_path, extraction_threads):
     import gzip
 
     tar = io.BytesIO()
@@ -141,9 +141,8 @@ def test_archive_md5_covers_bytes_after_the_tar_end_that_extraction_leaves_unrea
         t.addfile(info, io.BytesIO(b"a = 1\n"))
     path = tmp_path / "trailing.tar.gz"
     path.write_bytes(gzip.compress(tar.getvalue() + os.urandom(3 << 20)))  # 3 MiB after the end marker
-    hasher = __import__("hashlib").md5()
     dest = tmp_path / "dest"
     dest.mkdir()
-    archive.extract(str(path), str(dest), archive_hasher=hasher)
+    extracted = archive.extract(str(path), str(dest), hash_archive=True)
     assert (dest / "a.py").read_bytes() == b"a = 1\n"
-    assert hasher.hexdigest() == _md5(path)
+    assert extracted.archive_md5 == _md5(path)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
 
 from executor.bundle.digest import ContentHasher, content_digest, list_files
 
@@ -25,19 +24,23 @@ class UnsafeBundle(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
+# Limits and Extracted are plain classes, not dataclasses: defining a dataclass costs a pod's cold
+# start about 1 ms.
 class Limits:
-    max_total_bytes: int = 4 << 30
-    max_files: int = 200_000
-    max_ratio: float = 200.0  # uncompressed / compressed; zip bombs run to thousands
+    __slots__ = ("max_total_bytes", "max_files", "max_ratio")
+
+    def __init__(self, max_total_bytes: int = 4 << 30, max_files: int = 200_000, max_ratio: float = 200.0):
+        self.max_total_bytes = max_total_bytes
+        self.max_files = max_files
+        self.max_ratio = max_ratio  # uncompressed / compressed; zip bombs run to thousands
 
     @classmethod
     def from_env(cls) -> "Limits":
-        env = os.environ
+        env, default = os.environ, cls()
         return cls(
-            max_total_bytes=int(env.get("EXECUTOR_BUNDLE_MAX_BYTES", cls.max_total_bytes)),
-            max_files=int(env.get("EXECUTOR_BUNDLE_MAX_FILES", cls.max_files)),
-            max_ratio=float(env.get("EXECUTOR_BUNDLE_MAX_RATIO", cls.max_ratio)),
+            max_total_bytes=int(env.get("EXECUTOR_BUNDLE_MAX_BYTES", default.max_total_bytes)),
+            max_files=int(env.get("EXECUTOR_BUNDLE_MAX_FILES", default.max_files)),
+            max_ratio=float(env.get("EXECUTOR_BUNDLE_MAX_RATIO", default.max_ratio)),
         )
 
 
@@ -118,14 +121,17 @@ def _inside(root_real: str, path: str) -> bool:
     return real == root_real or real.startswith(root_real + os.sep)
 
 
-@dataclass
 class Extracted:
-    files: list[str]  # relative paths of the regular files and links, sorted as the digest wants them
-    total_bytes: int
-    content_digest: str | None  # computed while extracting, when the archive allows it (see extract)
+    __slots__ = ("files", "total_bytes", "content_digest", "archive_md5")
+
+    def __init__(self, files: list[str], total_bytes: int, content_digest: str | None, archive_md5: str | None):
+        self.files = files  # relative paths of the regular files and links, sorted as the digest wants them
+        self.total_bytes = total_bytes
+        self.content_digest = content_digest  # computed while extracting, when the archive allows it (see extract)
+        self.archive_md5 = archive_md5  # with hash_archive=True
 
 
-def extract(archive_path: str, dest: str, limits: Limits | None = None, archive_hasher=None) -> Extracted:
+def extract(archive_path: str, dest: str, limits: Limits | None = None, hash_archive: bool = False) -> Extracted:
     """Extract archive_path into dest (an empty staging dir).
 
     One pass: a thread decompresses (inflate.py), this thread parses (tarstream.py) and checks,
@@ -134,14 +140,15 @@ def extract(archive_path: str, dest: str, limits: Limits | None = None, archive_
     are done, so links and their checks see exactly the tree a sequential extraction would. The
     name digest is computed in the same pass when the archive holds only regular files and
     directories in sorted order (as flytekit and `executor bundle build` write them); otherwise
-    `content_digest` is None and the caller hashes the tree afterwards. archive_hasher (a hashlib
-    object), when given, is fed the whole archive file on the way, by the decompressing thread.
+    `content_digest` is None and the caller hashes the tree afterwards. hash_archive: the md5 of
+    the whole archive file too, computed on the way by the decompressing thread.
     Files are created read-only: a cache entry is shared between pods. Returns only once no
     thread writes any more, also when it raises.
     """
     from executor.bundle import tarstream
     from executor.bundle.inflate import Inflater
     from executor.bundle.writers import LANES, Writers
+    from executor.md5 import md5
 
     limits = limits or Limits.from_env()
     compressed = max(os.path.getsize(archive_path), 1)
@@ -154,9 +161,10 @@ def extract(archive_path: str, dest: str, limits: Limits | None = None, archive_
     previous_key = ""
     try:
         threaded = compressed >= THREADS_FROM_BYTES
+        archive_hasher = md5(compressed, threaded=threaded) if hash_archive else None
         with Inflater(archive_path, archive_hasher, threaded) as stream, \
                 Writers(_open_member, lanes=LANES if threaded else 0) as writers, \
-                ContentHasher(background=threaded) as hasher:
+                ContentHasher(background=threaded, expected_bytes=compressed) as hasher:
             for member in tarstream.members(stream):
                 rel = _member_path(member.name)
                 target = os.path.join(dest, rel)
@@ -236,7 +244,7 @@ def extract(archive_path: str, dest: str, limits: Limits | None = None, archive_
         if not _inside(root_real, link):
             raise UnsafeBundle(os.path.relpath(link, dest), "symlink points outside the bundle")
     files.sort(key=lambda rel: os.path.join(dest, rel))
-    return Extracted(files, total, digest)
+    return Extracted(files, total, digest, archive_hasher.hexdigest() if archive_hasher is not None else None)
 
 
 # Smaller archives are extracted in the calling thread alone: starting threads and handing data

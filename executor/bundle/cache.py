@@ -164,27 +164,28 @@ class BundleCache:
                              stored: str | None) -> Prepared:
         """archive_md5 None: not hashed yet (a local file), so hashed while extracting and checked
         before anything is published; otherwise checked before anything is extracted."""
-        import hashlib
-
-        archive_hasher = hashlib.md5() if archive_md5 is None else None
+        # A local archive is hashed on the way only if there is an md5 to check it against or to name the entry by.
+        hash_archive = archive_md5 is None and bool(ref.archive_md5 or not key)
         if archive_md5 is not None:
             verified, unverified = self._verify_archive(ref, archive_md5, stored)
         staging = os.path.join(self.root, "staging", f"{key or 'bundle'}.{os.urandom(16).hex()}")
         os.makedirs(staging)
         try:
             try:
-                extracted = self._extract(archive, staging, archive_hasher)
+                extracted = self._extract(archive, staging, hash_archive)
             except TaskFailure:
-                if archive_hasher is not None and ref.archive_md5:
+                if hash_archive and ref.archive_md5:
                     self._verify_archive(ref, _file_md5(archive), None)  # a wrong md5 explains the damage
                 raise
-            if archive_hasher is not None:
-                archive_md5 = archive_hasher.hexdigest()
+            if hash_archive:
+                archive_md5 = extracted.archive_md5
                 verified, unverified = self._verify_archive(ref, archive_md5, stored)
+            elif archive_md5 is None:
+                verified, unverified = self._verify_archive(ref, None, stored)
             if ref.name_digest and ref.policy != "off":
                 from executor.bundle.digest import content_digest
 
-                actual = extracted.content_digest or content_digest(staging, extracted.files)
+                actual = extracted.content_digest or content_digest(staging, extracted.files, extracted.total_bytes)
                 if actual != ref.name_digest:
                     raise TaskFailure(
                         "BUNDLE_INTEGRITY",
@@ -201,7 +202,7 @@ class BundleCache:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _verify_archive(self, ref: BundleRef, archive_md5: str, stored: str | None) -> tuple[list[str], list[str]]:
+    def _verify_archive(self, ref: BundleRef, archive_md5: str | None, stored: str | None) -> tuple[list[str], list[str]]:
         verified: list[str] = []
         unverified: list[str] = []
         if ref.policy == "off":
@@ -222,11 +223,11 @@ class BundleCache:
             unverified.append("store md5 (multipart upload or not provided)")
         return verified, unverified
 
-    def _extract(self, archive_path: str, staging: str, archive_hasher=None):
+    def _extract(self, archive_path: str, staging: str, hash_archive: bool):
         from executor.bundle import archive  # only a miss pays for the extraction threads
 
         try:
-            return archive.extract(archive_path, staging, archive_hasher=archive_hasher)
+            return archive.extract(archive_path, staging, hash_archive=hash_archive)
         except archive.UnsafeBundle as e:
             raise TaskFailure("BUNDLE_UNSAFE", f"code bundle refused, {e}",
                               hint="bundles may hold only regular files, directories and links that stay inside") from None
@@ -346,9 +347,9 @@ def _boot_id() -> str:
 
 
 def _file_md5(path: str) -> str:
-    import hashlib
+    from executor.md5 import md5 as new_md5
 
-    md5 = hashlib.md5()
+    md5 = new_md5(os.path.getsize(path))
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             md5.update(chunk)

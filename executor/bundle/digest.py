@@ -35,19 +35,20 @@ def list_files(root: str, skip_dirs: frozenset[str] = frozenset()) -> list[str]:
 class ContentHasher:
     """The name digest fed one file at a time, in order: its bytes, then end_file(rel).
 
-    Small pieces are gathered into batches of about 1 MiB before md5 sees them: md5 releases the
-    GIL for each update, and getting it back while other threads run costs more than hashing a few
-    KiB. With background=True a thread of its own hashes the batches, so that extraction's parsing
-    thread only gathers them; use it as a context manager then (leaving it stops the thread).
+    With background=True a thread of its own hashes, so that extraction's parsing thread only
+    gathers small pieces into batches of about 1 MiB for it: md5 releases the GIL for each update,
+    and getting it back while other threads run costs more than hashing a few KiB. Use it as a
+    context manager then (leaving it stops the thread). Without, every piece is hashed at once.
+    expected_bytes picks the md5 implementation (executor.md5).
     """
 
     _BATCH = 1 << 20
     _QUEUED = 8  # batches waiting for the hashing thread: bounds the memory held for it
 
-    def __init__(self, background: bool = False):
-        import hashlib
+    def __init__(self, background: bool = False, expected_bytes: int = 0):
+        from executor.md5 import md5
 
-        self._md5 = hashlib.md5()
+        self._md5 = md5(expected_bytes, threaded=background)
         self._batch: list = []
         self._batched = 0
         self._queue = self._thread = None
@@ -60,6 +61,9 @@ class ContentHasher:
             self._thread.start()
 
     def update(self, data) -> None:
+        if self._queue is None:
+            self._md5.update(data)
+            return
         self._batch.append(data)
         self._batched += len(data)
         if self._batched >= self._BATCH:
@@ -76,17 +80,11 @@ class ContentHasher:
     def _flush(self) -> None:
         if self._batch:
             batch, self._batch, self._batched = self._batch, [], 0
-            if self._queue is None:
-                self._hash(batch)
-            else:
-                self._queue.put(batch)
-
-    def _hash(self, batch: list) -> None:
-        self._md5.update(batch[0] if len(batch) == 1 else b"".join(batch))
+            self._queue.put(batch)
 
     def _run(self) -> None:
         while (batch := self._queue.get()) is not None:
-            self._hash(batch)
+            self._md5.update(batch[0] if len(batch) == 1 else b"".join(batch))
 
     def _stop(self) -> None:
         if self._thread is not None:
@@ -101,8 +99,8 @@ class ContentHasher:
         self._stop()
 
 
-def content_digest(root: str, files: list[str] | None = None) -> str:
-    hasher = ContentHasher()
+def content_digest(root: str, files: list[str] | None = None, expected_bytes: int = 0) -> str:
+    hasher = ContentHasher(expected_bytes=expected_bytes)
     for rel in files if files is not None else list_files(root):
         with open(os.path.join(root, rel), "rb") as f:
             while chunk := f.read(_BLOCK):

@@ -37,7 +37,7 @@ class Inflater:
     """
 
     def __init__(self, path: str, archive_hasher=None, threaded: bool = True):
-        """archive_hasher (a hashlib object), when given, is fed every byte of the file as it is
+        """archive_hasher (an md5 object), when given, is fed every byte of the file as it is
         read, and by hash_rest() whatever comes after what extraction needed."""
         self._archive_hasher = archive_hasher
         self._hashed = 0  # bytes of the file fed to archive_hasher so far
