@@ -558,6 +558,23 @@ def test_a_dead_worker_still_leaves_an_error_document(server, tmp_path):
     assert s.run(invocation(tmp_path, "next", "add", {"a": 1, "b": 1}))["result"]["outcome"] == "success"
 
 
+@pytest.mark.parametrize("module, code, message", [
+    ("crashes_at_import", "USER", "crashed with SIGSEGV while it imported tests.sample_tasks.crashes_at_import"),
+    ("exits_at_import", "IMPORT", "failed to import: SystemExit: 3"),
+    ("ends_process_at_import", "USER", "exited with code 3 while it imported tests.sample_tasks.ends_process_at_import"),
+])
+def test_a_module_that_kills_the_worker_as_it_is_imported_is_the_tasks_failure(server, tmp_path, module, code, message):
+    # As on the one-shot path: a user error of phase load, not a lost worker for the backend to retry.
+    s = server()
+    for name in ("first", "second"):  # every invocation says so (each pool start tries the import again)
+        body = invocation(tmp_path, name, "task", {"a": 1}, module=f"tests.sample_tasks.{module}")
+        error = s.run(body)["result"]["error"]
+        assert (error["code"], error["phase"], error["origin"]) == (code, "load", "USER"), error
+        assert message in error["message"]
+        assert out_files(tmp_path, name) == ["error.pb"] and error_doc(tmp_path, name).code == code
+    assert s.run(invocation(tmp_path, "other", "add", {"a": 1, "b": 2}))["result"]["outcome"] == "success"
+
+
 def test_nothing_outlives_a_killed_server(server, tmp_path):
     s = server("--concurrency", "2")
     for i in range(2):

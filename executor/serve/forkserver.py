@@ -323,13 +323,13 @@ class ForkServer:
             isolation.make_dirs(view)
             os.mkdir(job.checkpoint_local)
             if message.get("failure"):  # decided by the server: report it, run nothing
-                code, text, hint = message["failure"]
+                code, text, hint, *phase = message["failure"]
                 if hint is None:
                     from executor import supervisor
 
                     hint = supervisor.preempted_hint(None)
                 failure = TaskFailure(code, text, hint=hint)
-                failure.phase = "queue"
+                failure.phase = phase[0] if phase else "queue"
             else:
                 failure = self._prepare(job)
             if failure is None:
@@ -380,10 +380,11 @@ class ForkServer:
                     prepared = inject(bundle.uri, bundle.dest_dir, bundle.archive_md5)
             self.bundle_root, cache = prepared.root, "hit" if prepared.hit else "miss"
         module = task_module(job.invocation)
+        self._send({"event": "loading", "module": module or " ".join(job.invocation.resolver_args)})
         gc.disable()
         try:
             _preload(job.invocation)
-        except Exception as e:  # each invocation will report it, with its own traceback
+        except (Exception, SystemExit) as e:  # each invocation will report it, with its own traceback
             logs.warning("the task does not load; every invocation will say why", module=module or "-",
                          reason=(getattr(e, "message", None) or f"{type(e).__name__}: {e}")[:200])
         finally:

@@ -67,6 +67,7 @@ class Worker:
         self.served = 0
         self.rss = 0
         self.warm = False
+        self.loading: str | None = None  # the task module it is importing before it is warm
         self.retiring = False
         self.channel, fd = pair()
         try:

@@ -26,6 +26,26 @@ CANCELLED = ("PREEMPTED", "cancelled by the caller (DELETE /invocations/{id})",
 SHUTDOWN = ("PREEMPTED", "the warm server was asked to stop ({signal})", None)  # hint: the one-shot path's
 WORKER_DIED = ("SYSTEM", "the warm worker running this invocation died (exit code {code})",
                "a bug or a kill from outside; the backend retries this attempt")
+CRASH_SIGNALS = {"SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT"}  # as executor.watch judges a task's death
+
+
+def worker_death(worker: Worker, code: int) -> tuple:
+    """What the invocations a dead worker held are told. Killed while it imported the task module:
+    the module's fault, as the one-shot path would say (a user error of phase load)."""
+    what, message, hint = WORKER_DIED
+    message = message.format(code=code)
+    if worker.loading is None or worker.warm:
+        return what, message, hint
+    import signal
+
+    name = signal.Signals(-code).name if code < 0 and -code in signal.valid_signals() else None
+    if name in CRASH_SIGNALS:
+        return ("USER", f"the task process crashed with {name} while it imported {worker.loading}",
+                "a native extension failed; run with PYTHONFAULTHANDLER=1 for a stack", "load")
+    if name is None:
+        return ("USER", f"the warm worker exited with code {code} while it imported {worker.loading} (os._exit?)",
+                "a module must not end the process when it is imported", "load")
+    return what, f"{message} while it imported {worker.loading}", hint
 
 
 class RequestError(Exception):
@@ -168,6 +188,8 @@ class Server:
                     finished = self._finish(record, message["result"])
                 self.pools.after_done(worker)
                 self._fill_slots()
+            elif event == "loading":
+                worker.loading = message["module"]
             elif event == "warm":
                 worker.warm = True
                 worker.rss = message.get("rss", worker.rss)
@@ -206,10 +228,10 @@ class Server:
             else:
                 logs.error("a warm worker exited unexpectedly", pool=worker.key, pid=worker.pid, code=code,
                            invocations=len(lost))
+            failure = worker_death(worker, code)
             for record in lost:
                 self.running -= 1
-                what, message, hint = WORKER_DIED
-                self._dispatch(record, failure=(what, message.format(code=code), hint))
+                self._dispatch(record, failure=failure)
             self.changed.notify_all()
 
     # --- shutdown ------------------------------------------------------------------------------------
