@@ -96,7 +96,8 @@ def read_bytes(uri: str) -> bytes:
             raise StorageError(uri, f"cannot read ({e.strerror}); check the path and its permissions") from e
 
 
-def write_bytes(uri: str, data: bytes) -> None:
+def write_bytes(uri: str, data: bytes, durable: bool = True) -> None:
+    """Atomic: readers see the whole object or none. durable=False: a local file is not fsync'd."""
     path = _local_path(uri)
     if path is None:
         # One PUT (s3fs below 100 MiB) or one simple upload (gcsfs below 50 MiB): the store never
@@ -105,7 +106,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         _remote(uri, "write", "pipe_file", data)
         return
 
-    _atomic_local_write(uri, path, lambda f: f.write(data))
+    _atomic_local_write(uri, path, lambda f: f.write(data), durable=durable)
 
 
 def exists(uri: str) -> bool:

@@ -382,6 +382,16 @@ def test_failed_local_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch, b
     assert os.listdir(tmp_path) == ["outputs.pb"]
 
 
+@pytest.mark.parametrize("durable, flushes", [(True, 2), (False, 0)])
+def test_local_write_is_flushed_file_and_directory_unless_not_durable(tmp_path, monkeypatch, durable, flushes):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    storage.write_bytes(str(tmp_path / "outputs.pb"), b"data", durable=durable)
+    assert len(synced) == flushes
+    assert (tmp_path / "outputs.pb").read_bytes() == b"data" and os.listdir(tmp_path) == ["outputs.pb"]
+
+
 def test_failed_first_local_write_leaves_nothing(tmp_path, monkeypatch):
     def fail(*args):
         raise OSError(5, "Input/output error")
