@@ -479,7 +479,7 @@ PUT, so its ETag is the archive's md5, as after flytekit's upload). Per size, sh
 
 The target compares the bundle step inside the pod's entrypoint, which is a Python process for
 flytekit as for us: ours `ensure()` timed inside its process (including what it imports on its
-first call: hashlib, the extraction modules, isal, obstore), against the baseline's fetch + `tar`
+first call: an md5 implementation, the extraction modules, isal, obstore), against the baseline's fetch + `tar`
 subprocess timed inside its process (after `import s3fs`, which flytekit's process also has done by
 then; the s3fs client is made inside the timed part, as ours makes its obstore client). Both
 processes' whole wall times, spawn to exit (taken by the same tiny spawner as the cold-start
