@@ -35,6 +35,7 @@ from executor.errors import Diagnostics, TaskFailure, format_stack_dump, memory_
 from executor.invocation import Invocation
 
 CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT}
+CRASH_HINT = "a native extension failed; run with PYTHONFAULTHANDLER=1 for a stack"
 LOST = -1  # an exit status that could not be collected (another process reaped the child)
 STACK_DUMP_WAIT = 2.0  # at most this long for faulthandler's dump ...
 STACK_DUMP_QUIET = 0.15  # ... which is complete once the pipe has been quiet this long
@@ -431,7 +432,7 @@ class AttemptWatch:
         crash = next((m["crash"] for m in self.messages if "crash" in m), None)
         if signum in CRASH_SIGNALS:
             return TaskFailure("USER", f"the task process crashed with {signal.Signals(signum).name} ({peak_text})",
-                               hint="a native extension failed; run with PYTHONFAULTHANDLER=1 for a stack")
+                               hint=CRASH_HINT)
         if signum is not None:
             return TaskFailure("SYSTEM", f"the task process was killed by {signal.Signals(signum).name} ({peak_text})")
         code = os.WEXITSTATUS(status) if status is not None else None

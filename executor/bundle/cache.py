@@ -162,8 +162,8 @@ class BundleCache:
 
     def _extract_and_publish(self, ref: BundleRef, key: str | None, archive: str, archive_md5: str | None,
                              stored: str | None) -> Prepared:
-        """archive_md5 None: not hashed yet (a local file), so hashed while extracting and checked
-        before anything is published; otherwise checked before anything is extracted."""
+        """archive_md5 given (downloaded): checked before anything is extracted. None (a local file):
+        hashed while extracting if there is an md5 to check, and checked before anything is published."""
         # A local archive is hashed on the way only if there is an md5 to check it against or to name the entry by.
         hash_archive = archive_md5 is None and bool(ref.archive_md5 or not key)
         if archive_md5 is not None:
@@ -177,11 +177,9 @@ class BundleCache:
                 if hash_archive and ref.archive_md5:
                     self._verify_archive(ref, _file_md5(archive), None)  # a wrong md5 explains the damage
                 raise
-            if hash_archive:
-                archive_md5 = extracted.archive_md5
+            if archive_md5 is None:
+                archive_md5 = extracted.archive_md5  # None unless hash_archive
                 verified, unverified = self._verify_archive(ref, archive_md5, stored)
-            elif archive_md5 is None:
-                verified, unverified = self._verify_archive(ref, None, stored)
             if ref.name_digest and ref.policy != "off":
                 from executor.bundle.digest import content_digest
 

@@ -40,7 +40,6 @@ class Inflater:
         """archive_hasher (an md5 object), when given, is fed every byte of the file as it is
         read, and by hash_rest() whatever comes after what extraction needed."""
         self._archive_hasher = archive_hasher
-        self._hashed = 0  # bytes of the file fed to archive_hasher so far
         self._codec = gzip_codec()
         self._stop = False
         self._block = memoryview(b"")
@@ -80,7 +79,6 @@ class Inflater:
                     break
                 if self._archive_hasher is not None:
                     self._archive_hasher.update(data)
-                    self._hashed += len(data)
             if gz.eof:  # gzip allows members back to back, and zero padding after the last one
                 data = data.lstrip(b"\0")
                 if not data:

@@ -26,7 +26,6 @@ CANCELLED = ("PREEMPTED", "cancelled by the caller (DELETE /invocations/{id})",
 SHUTDOWN = ("PREEMPTED", "the warm server was asked to stop ({signal})", None)  # hint: the one-shot path's
 WORKER_DIED = ("SYSTEM", "the warm worker running this invocation died (exit code {code})",
                "a bug or a kill from outside; the backend retries this attempt")
-CRASH_SIGNALS = {"SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT"}  # as executor.watch judges a task's death
 
 
 def worker_death(worker: Worker, code: int) -> tuple:
@@ -38,13 +37,14 @@ def worker_death(worker: Worker, code: int) -> tuple:
         return what, message, hint
     import signal
 
-    name = signal.Signals(-code).name if code < 0 and -code in signal.valid_signals() else None
-    if name in CRASH_SIGNALS:
-        return ("USER", f"the task process crashed with {name} while it imported {worker.loading}",
-                "a native extension failed; run with PYTHONFAULTHANDLER=1 for a stack", "load")
-    if name is None:
+    from executor.watch import CRASH_HINT, CRASH_SIGNALS  # judged as a task process's death is
+
+    if code >= 0:
         return ("USER", f"the warm worker exited with code {code} while it imported {worker.loading} (os._exit?)",
                 "a module must not end the process when it is imported", "load")
+    if -code in CRASH_SIGNALS:
+        return ("USER", f"the task process crashed with {signal.Signals(-code).name} while it imported {worker.loading}",
+                CRASH_HINT, "load")
     return what, f"{message} while it imported {worker.loading}", hint
 
 
