@@ -285,8 +285,12 @@ def test_spares_are_forked_between_attempts_not_during_them(server, tmp_path):
     fork_server = psutil.Process(s.proc.pid).children()[0]
 
     def spares() -> set[int]:
-        zygotes = [c for c in fork_server.children() if c.children()]
-        return {c.pid for z in zygotes for c in z.children()}
+        while True:
+            try:  # a child may exit between being listed and asked for its own children: list again
+                zygotes = [c for c in fork_server.children() if c.children()]
+                return {c.pid for z in zygotes for c in z.children()}
+            except psutil.NoSuchProcess:
+                continue
 
     def settled() -> set[int] | None:
         before = spares()
