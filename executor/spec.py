@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 from executor.errors import TaskFailure
@@ -63,13 +64,22 @@ def _cpu_quantity(text: str) -> float | None:
         return None
 
 
+_cpu_limit_read: tuple[float, float | None] = (-1e9, None)  # (when, what): a warm worker asks per invocation
+
+
 def _cgroup_cpu_limit() -> float | None:
+    global _cpu_limit_read
+    now = time.monotonic()
+    if now - _cpu_limit_read[0] < 5.0:  # a pod resized in place is seen within seconds
+        return _cpu_limit_read[1]
     try:
         with open("/sys/fs/cgroup/cpu.max") as f:
             quota, period = f.read().split()[:2]
+        limit = None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
-        return None
-    return None if quota == "max" else int(quota) / int(period)
+        limit = None
+    _cpu_limit_read = (now, limit)
+    return limit
 
 
 def from_template(template_bytes: bytes | None, uri: str = "", grace_flag: float | None = None) -> RuntimeSpec:

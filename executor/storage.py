@@ -385,18 +385,30 @@ def _list_files(uri: str) -> list[str]:
 # see the old file or the complete new one; a failure leaves neither a partial file nor a temp.
 
 
-def _temp_path(path: str) -> str:
+def _temp_path(path: str, make_dirs: bool = True) -> str:
     directory, name = os.path.split(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    if make_dirs:
+        os.makedirs(directory, exist_ok=True)
     return os.path.join(directory, f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+
+
+def _create_temp(path: str) -> tuple[str, int]:
+    """A fresh temp file beside `path` (its directories made if missing): (its path, an fd open for writing)."""
+    tmp = _temp_path(path, make_dirs=False)  # the directory usually exists: no makedirs per write
+    # O_EXCL: never clobber another writer's temp; mode 0o666 lets the umask decide.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        return tmp, os.open(tmp, flags, 0o666)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+        return tmp, os.open(tmp, flags, 0o666)
 
 
 def _atomic_local_write(uri: str, path: str, write: Callable, durable: bool = True) -> None:
     tmp = None
     try:
-        tmp = _temp_path(path)
-        # O_EXCL: never clobber another writer's temp; mode 0o666 lets the umask decide.
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+        tmp, fd = _create_temp(path)
+        with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             if durable:

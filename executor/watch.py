@@ -176,10 +176,12 @@ def become_supervised(dump_w: int, relay: "OutputRelay | None") -> None:
 
 
 def run_reported_attempt(reporter: Reporter, invocation: Invocation, *, attempt_no: int,
-                         prev_checkpoint: str | None, checkpoint_local: str, extra=None) -> execute.Attempt:
+                         prev_checkpoint: str | None, checkpoint_local: str, extra=None,
+                         diagnostics: Diagnostics | None = None) -> execute.Attempt:
     """One attempt in this (supervised) process, every phase and the outcome reported.
 
-    `extra()`, if given, adds fields to the "done" report (an in-process runner's memory)."""
+    `extra()`, if given, adds fields to the "done" report (an in-process runner's memory);
+    `diagnostics`, if given, receives the attempt's phase times."""
     os.environ.update({
         "EXECUTOR_ATTEMPT": str(attempt_no),
         "EXECUTOR_CHECKPOINT_LOCAL_DIR": checkpoint_local,
@@ -189,7 +191,7 @@ def run_reported_attempt(reporter: Reporter, invocation: Invocation, *, attempt_
     if invocation.prev_checkpoint != prev_checkpoint:
         invocation = dataclasses.replace(invocation, prev_checkpoint=prev_checkpoint)
     execute.phase_listener = reporter.phase
-    attempt = execute.run_attempt(invocation, Diagnostics())
+    attempt = execute.run_attempt(invocation, Diagnostics() if diagnostics is None else diagnostics)
     for stream in (sys.stdout, sys.stderr):  # the task's output is in the pipes before its report
         try:
             stream.flush()

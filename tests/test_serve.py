@@ -369,6 +369,49 @@ def test_async_task_in_process(server, tmp_path):
     assert record["isolation"] == "inprocess" and output_value(tmp_path, "async") == 5
 
 
+def test_an_in_process_success_is_answered_by_the_runner_itself(server, tmp_path):
+    """The runner tells the server of a success directly: the answer does not wait for the fork server,
+    which is frozen here while the task runs, and its own late report is not counted twice."""
+    s = server()
+    assert s.run(invocation(tmp_path, "warm", "add", {"a": 1, "b": 2}, isolation="inprocess"))["result"]["outcome"] == "success"
+    body = invocation(tmp_path, "direct", "sleepy", {"seconds": 1.0}, env=scratch_env(tmp_path, "direct"), isolation="inprocess")
+    assert s.post(body)[0] == 202
+    runner_pid = int(wait_for(lambda: (tmp_path / "scratch-direct" / "started").exists() and
+                              (tmp_path / "scratch-direct" / "started").read_text(), what="the task"))
+    import psutil
+
+    forkserver = psutil.Process(runner_pid).ppid()
+    os.kill(forkserver, signal.SIGSTOP)
+    try:
+        record = s.wait_done("direct", timeout=30)
+    finally:
+        os.kill(forkserver, signal.SIGCONT)
+    assert record["result"]["outcome"] == "success" and record["worker_pid"] == runner_pid
+    assert record["result"]["attempts"] == 1 and "run" in record["result"]["phases_ms"]
+    assert output_value(tmp_path, "direct") == 1.0 and out_files(tmp_path, "direct") == ["outputs.pb"]
+    after = s.run(invocation(tmp_path, "after", "add", {"a": 2, "b": 2}, isolation="inprocess"))
+    assert after["result"]["outcome"] == "success" and after["worker_pid"] == runner_pid  # the same runner, free again
+    assert s.metric("executor_serve_invocations_total", outcome="success", code="") == 3
+
+
+@pytest.mark.parametrize("isolation", ["inprocess", "fork"])
+def test_forged_direct_results_are_ignored(server, tmp_path, isolation):
+    """Task code in an in-process runner can reach the results socket; what it sends for another
+    invocation, or without the server's token, changes nothing. An isolated child never holds it."""
+    s = server("--concurrency", "2")
+    victim = invocation(tmp_path, "victim", "sleepy", {"seconds": 1.5}, env=scratch_env(tmp_path, "victim"), isolation="inprocess")
+    assert s.post(victim)[0] == 202
+    wait_for(lambda: (tmp_path / "scratch-victim" / "started").exists(), what="the victim to start")
+    forger = s.run(invocation(tmp_path, "forger", "forge_results", {"x": 100}, env={"VICTIM": "victim", "SELF": "forger"},
+                              isolation=isolation))
+    sockets_found = output_value(tmp_path, "forger") - 100
+    assert sockets_found == (1 if isolation == "inprocess" else 0)
+    assert forger["result"]["task"] != "forged" and forger["result"]["files"] != ["forged"]
+    record = s.wait_done("victim")
+    assert record["result"]["task"] != "forged" and record["result"]["files"] != ["forged"]
+    assert output_value(tmp_path, "victim") == 1.5
+
+
 def test_server_default_isolation_flag(server, tmp_path):
     s = server("--isolation", "inprocess", "--concurrency", "1")
     pids = {s.run(invocation(tmp_path, f"p{i}", "pid", {"x": i}))["isolation"] for i in range(2)}

@@ -21,6 +21,7 @@ Tasks' own stdout goes to stderr in this mode, so stdout carries nothing but the
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import threading
 import time
@@ -95,7 +96,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(404, {"error": "not found", "reason": f"no route {path}"})
         answer = self.core.get(invocation_id)
         if answer.record is not None and (wait := self._wait(query)):
-            answer = self.core.wait(answer.record, wait)
+            return self._answer_when_done(answer.record, wait)
         self._answer(answer)
 
     def do_POST(self):
@@ -115,7 +116,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, RequestError) as e:
             return self._json(400, {"error": "bad request", "reason": str(e)})
         if answer.status == 202 and answer.record is not None and (wait := self._wait(query)):
-            answer = self.core.wait(answer.record, wait)
+            return self._answer_when_done(answer.record, wait)
         self._answer(answer)
 
     def do_DELETE(self):
@@ -147,21 +148,60 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             return 0.0
 
+    def _answer_when_done(self, record, wait: float) -> None:
+        """Wait up to `wait` seconds for the invocation to finish. The finished result is written by the
+        thread that hears of it (the worker's reader), so the caller's answer does not also wait for
+        this thread to wake; a result that does not fit the socket at once is finished from here."""
+        lock = threading.Lock()
+        state = {"sent": False, "rest": b""}
+
+        def send_now(answer: Answer) -> None:
+            data = self._answer_bytes(answer)
+            with lock:
+                if state["sent"]:
+                    return
+                state["sent"] = True
+                try:
+                    sent = self.connection.send(data, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:  # the caller is gone: this thread's next read finds out
+                    sent = len(data)
+                state["rest"] = data[sent:]
+            logs.debug("http", request=self.requestline, status=answer.status)
+
+        answer = self.core.wait(record, wait, on_done=send_now)
+        with lock:
+            if not state["sent"]:
+                state["sent"] = True
+                state["rest"] = self._answer_bytes(answer)
+            rest = state["rest"]
+        if rest:
+            self.wfile.write(rest)
+
     def _answer(self, answer: Answer) -> None:
+        self.wfile.write(self._answer_bytes(answer))
+        logs.debug("http", request=self.requestline, status=answer.status)
+
+    def _answer_bytes(self, answer: Answer) -> bytes:
         headers = {}
         if answer.status in (429, 503):
             headers["Retry-After"] = "1"
         if answer.record is not None and answer.status in (200, 202):
             headers["Location"] = f"/invocations/{answer.record.id}"
-        self._json(answer.status, answer.body, headers)
+        return self._response(answer.status, (json.dumps(answer.body) + "\n").encode(), "application/json", headers)
 
-    def _json(self, status: int, body: dict, headers: dict | None = None) -> None:
-        self._send(status, (json.dumps(body) + "\n").encode(), "application/json", headers)
+    def _json(self, status: int, body: dict) -> None:
+        self._send(status, (json.dumps(body) + "\n").encode(), "application/json")
 
     def _text(self, status: int, text: str, content_type: str = "text/plain; charset=utf-8") -> None:
         self._send(status, text.encode(), content_type)
 
-    def _send(self, status: int, data: bytes, content_type: str, headers: dict | None = None) -> None:
+    def _send(self, status: int, data: bytes, content_type: str) -> None:
+        self.wfile.write(self._response(status, data, content_type))
+        logs.debug("http", request=self.requestline, status=status)
+
+    def _response(self, status: int, data: bytes, content_type: str, headers: dict | None = None) -> bytes:
         # One write for the whole response (send_response & co. cost more than the request's work).
         lines = [f"{self.protocol_version} {status} {self.responses.get(status, ('',))[0]}",
                  f"Server: {self.server_version}", f"Date: {_http_date()}",
@@ -169,8 +209,7 @@ class _Handler(BaseHTTPRequestHandler):
         lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
         if self.close_connection:
             lines.append("Connection: close")
-        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data)
-        logs.debug("http", request=self.requestline, status=status)
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data
 
 
 _date_cache: tuple[int, str] = (0, "")

@@ -7,9 +7,15 @@ The server's side never blocks on a send: a message goes out at once when the so
 otherwise waits in an ordered buffer that a flusher thread writes as the worker reads. (A send that
 blocked while holding the server's lock could deadlock with a worker blocked sending to us.) The
 worker's side (a single-threaded loop) sends blocking and receives incrementally with pump().
+
+Results: a datagram socket beside each channel, on which an in-process runner reports a successful
+invocation straight to the server (one message per datagram, so several runners may share it; a
+message that does not fit at once is not sent, and the fork server's own report follows anyway).
+JSON, not pickle: a runner runs task code, so what it sends is data to check, never objects.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import select
@@ -150,3 +156,42 @@ def pair() -> tuple[Channel, int]:
     fd = theirs.detach()
     os.set_inheritable(fd, True)
     return Channel(ours, nonblocking=True), fd
+
+
+_MAX_RESULT = 1 << 16
+
+
+def results_pair() -> tuple[socket.socket, int]:
+    """The server's (non-blocking) end of a results socket, and the raw fd to hand to a worker."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setblocking(False)
+    fd = theirs.detach()
+    os.set_inheritable(fd, True)
+    return ours, fd
+
+
+def send_result(sock: socket.socket, message: dict) -> bool:
+    """One datagram, never blocking: False if it could not go out now (the caller's fallback reports it)."""
+    data = json.dumps(message).encode()
+    if len(data) > _MAX_RESULT:
+        return False
+    try:
+        return sock.send(data, socket.MSG_DONTWAIT) == len(data)
+    except OSError:
+        return False
+
+
+def receive_results(sock: socket.socket) -> list[dict]:
+    """Every datagram waiting now that is a JSON object (anything else is dropped)."""
+    messages = []
+    while True:
+        try:
+            data = sock.recv(_MAX_RESULT)
+        except (BlockingIOError, InterruptedError):
+            return messages
+        try:
+            message = json.loads(data)
+        except ValueError:
+            continue
+        if isinstance(message, dict):
+            messages.append(message)

@@ -81,6 +81,7 @@ class Job:
     retry_at: float | None = None
     last_failure: TaskFailure | None = None
     pid: int | None = None  # of the process that ran its last attempt
+    token: str = ""  # the server's, for a runner's direct result
     stop_reason: tuple[str, str, float | None] | None = None
 
     @property
@@ -89,8 +90,9 @@ class Job:
 
 
 class ForkServer:
-    def __init__(self, channel: Channel, config: dict):
+    def __init__(self, channel: Channel, config: dict, results_fd: int = -1):
         self.channel = channel
+        self.results_fd = results_fd  # the server's results socket: handed to in-process runners only
         self.work_dir = config["work_dir"]
         self.max_runner_invocations = config.get("max_invocations_per_worker", 0)
         self.max_runner_rss = config.get("max_worker_rss", 0)
@@ -131,22 +133,34 @@ class ForkServer:
                 break
             owners = self._fd_owners()
             readable = watch.wait_readable(list(owners), self._timeout(now))
+            from_server = False
             for fd in readable:
                 owner = owners[fd]
                 if owner == "channel":
-                    self._read_channel()
+                    from_server = True  # read last, below
                 elif owner == "wake":
                     self._drain_wakeups()
                 elif owner == "zygote":
                     self._read_zygote()
                 else:
                     self._on_proc_readable(owner, fd)
+            if from_server:
+                self._finish_reported()
+                self._read_channel()
             self._reap()
             self._refill_spares()
         for runner in self.runners.values():
             runner.retire()
         if self.zygote is not None:
             self.zygote.close()
+
+    def _finish_reported(self) -> None:
+        """Attempts whose report came in with the server's message: finished first, so that a runner
+        that reported straight to the server is free for the invocation the server sent next."""
+        now = time.monotonic()
+        for job in list(self.jobs.values()):
+            if job.attempt is not None and job.attempt.finished(now):
+                self._tick(job, now)
 
     def _on_sigterm(self, signum, frame) -> None:
         self.sigterm = True  # acted on in the loop (the wakeup fd woke it)
@@ -315,7 +329,8 @@ class ForkServer:
         env["TMPDIR"] = os.path.join(root, "tmp")
         view = isolation.View(message["id"], env, os.path.join(root, "work"), env["TMPDIR"])
         job = Job(message["id"], invocation, env, message["isolation"], view, root,
-                  task_name=" ".join(invocation.resolver_args), prev_checkpoint=invocation.prev_checkpoint)
+                  task_name=" ".join(invocation.resolver_args), prev_checkpoint=invocation.prev_checkpoint,
+                  token=message.get("token", ""))
         self.jobs[job.id] = job
         logs._context = {"invocation": job.id}
         try:
@@ -411,6 +426,10 @@ class ForkServer:
             runner = runner or self._fork_runner(one_shot=True, relay=False)
         message = {"view": job.view, "invocation": job.invocation, "attempt_no": job.attempt_no,
                    "prev_checkpoint": job.prev_checkpoint, "checkpoint_local": job.checkpoint_local}
+        if not runner.one_shot and self.results_fd >= 0 and job.stop_reason is None:
+            # A success is told to the server by the runner itself: one hop fewer for the caller.
+            message["direct"] = {"id": job.id, "token": job.token, "attempts": job.attempt_no + 1,
+                                 "phases_ms": dict(job.diagnostics.phases_ms), "peak_rss": job.diagnostics.peak_rss_bytes}
         try:
             runner.send(message)
         except OSError:  # it died before its reaping was noticed: a fresh one made for this attempt
@@ -516,22 +535,10 @@ class ForkServer:
                 result = execute.report(job.invocation, attempt, job.diagnostics)
         else:
             result = execute.report(job.invocation, attempt, job.diagnostics)
-        failure = attempt.failure
         self._send({
             "event": "done", "id": job.id, "rss": isolation.current_rss(), "pid": job.pid,
-            "result": {
-                "outcome": result.outcome,
-                "exit_code": result.exit_code,
-                "files": list(result.written),
-                "error": None if failure is None else {
-                    "code": failure.code, "message": logs.redact(failure.message), "phase": failure.phase,
-                    "kind": failure.kind.name, "origin": failure.origin.name,
-                },
-                "task": attempt.task_name,
-                "attempts": job.attempt_no + 1,
-                "phases_ms": {k: round(v, 3) for k, v in job.diagnostics.phases_ms.items()},
-                "peak_rss_mib": round(job.diagnostics.peak_rss_bytes / 2**20, 1),
-            },
+            "result": runner_module.result_json(result, attempt, job.attempt_no + 1, job.diagnostics.phases_ms,
+                                                job.diagnostics.peak_rss_bytes),
         })
         # The rest is off the caller's path: the answer went out first.
         execute.log_summary(result, attempt, job.diagnostics)
@@ -570,9 +577,11 @@ class ForkServer:
             self.zygote.request_spare(template, self.work_dir)
 
     def _fork_runner(self, one_shot: bool, relay: bool, rehearse=None) -> Runner:
-        runner = runner_module.fork(one_shot=one_shot, relay=relay, close=self._own_fds(),
+        results_fd = -1 if one_shot else self.results_fd
+        runner = runner_module.fork(one_shot=one_shot, relay=relay,
+                                    close=[fd for fd in self._own_fds() if fd != results_fd],
                                     forget=lambda: self._forget_everything_but(None),
-                                    rehearse=rehearse, scratch_dir=self.work_dir)
+                                    rehearse=rehearse, scratch_dir=self.work_dir, results_fd=results_fd)
         self.procs[runner.proc.pid] = runner.proc
         self.runners[runner.proc.pid] = runner
         return runner
@@ -582,7 +591,7 @@ class ForkServer:
     def _own_fds(self) -> list[int]:
         """Descriptors of this fork server that no task may hold (a task holding the channel would
         keep the server from noticing this process is gone)."""
-        fds = [self.channel.fileno(), self.wake_r, self.wake_w] + isolation.own_fds()
+        fds = [self.channel.fileno(), self.wake_r, self.wake_w, self.results_fd] + isolation.own_fds()
         for proc in self.procs.values():
             fds += [proc.report_r, proc.journal_r, proc.dump_r] + (proc.relay.fds() if proc.relay else [])
         fds += [runner.job_w for runner in self.runners.values()]
@@ -657,6 +666,7 @@ def _safe(name: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     channel = Channel.from_fd(int(argv[0]))
+    results_fd = int(argv[1]) if len(argv) > 1 else -1
     config = channel.recv()
     sys.path[:] = config["sys_path"]
     from executor import loader
@@ -666,7 +676,7 @@ def main(argv: list[str] | None = None) -> None:
 
     storage.forks_children()  # its children use storage too: keep obstore's runtime out of here
     os.makedirs(config["work_dir"], exist_ok=True)
-    server = ForkServer(channel, config)
+    server = ForkServer(channel, config, results_fd)
     server.serve()
     sys.stdout.flush()
     sys.stderr.flush()

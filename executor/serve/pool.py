@@ -16,7 +16,7 @@ import sys
 import threading
 
 from executor import logs
-from executor.serve.channel import Closed, pair
+from executor.serve.channel import Closed, pair, receive_results, results_pair
 
 
 _keys: dict = {}  # pool keys of recent invocations' (bundle, pickle, resolver, arguments): one per pool, mostly
@@ -70,13 +70,15 @@ class Worker:
         self.loading: str | None = None  # the task module it is importing before it is warm
         self.retiring = False
         self.channel, fd = pair()
+        self.results, results_fd = results_pair()  # in-process runners' successes, straight to us
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "executor.serve.forkserver", str(fd)],
-                pass_fds=(fd,), stdin=subprocess.DEVNULL, start_new_session=True,  # stdout/stderr: the server's
+                [sys.executable, "-m", "executor.serve.forkserver", str(fd), str(results_fd)],
+                pass_fds=(fd, results_fd), stdin=subprocess.DEVNULL, start_new_session=True,  # stdout/stderr: the server's
             )
         finally:
             os.close(fd)
+            os.close(results_fd)
         self.channel.send({**config, "work_dir": os.path.join(config["work_dir"], f"pool-{self.number}")})
         self._on_message = on_message
         self._on_exit = on_exit
@@ -98,8 +100,11 @@ class Worker:
         try:
             while True:
                 try:
-                    select.select([self.channel.sock], [], [])
-                    messages = self.channel.pump()
+                    readable, _, _ = select.select([self.channel.sock, self.results], [], [])
+                    # A runner's result first: the fork server's report of the same invocation may follow.
+                    messages = [{**m, "event": "result"} for m in receive_results(self.results)] if self.results in readable else []
+                    if self.channel.sock in readable:
+                        messages += self.channel.pump()
                 except Closed:
                     break
                 except (OSError, ValueError):
@@ -107,6 +112,7 @@ class Worker:
                 for message in messages:
                     self._on_message(self, message)
         finally:
+            self.results.close()
             try:
                 code = self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:

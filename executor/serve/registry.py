@@ -38,7 +38,9 @@ class Record:
     cancel_requested: bool = False
     result: dict | None = None
     worker: object = field(default=None, repr=False)  # the pool.Worker running it
+    token: str = field(default="", repr=False)  # given with each dispatch; a runner's direct result carries it
     done_event: threading.Event = field(default_factory=threading.Event)
+    on_done: list = field(default_factory=list, repr=False)  # called with the record as it finishes
 
     def to_json(self) -> dict:
         body = {

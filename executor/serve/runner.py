@@ -45,9 +45,11 @@ class Runner:
             self.job_w = -1
 
 
-def fork(*, one_shot: bool, relay: bool, close: list[int], forget, rehearse=None, scratch_dir: str = "") -> Runner:
+def fork(*, one_shot: bool, relay: bool, close: list[int], forget, rehearse=None, scratch_dir: str = "",
+         results_fd: int = -1) -> Runner:
     """Fork a runner. In the child: supervised set-up, the fork server's descriptors closed and its
-    other invocations forgotten (`forget`), a rehearsal if asked, then the runner loop."""
+    other invocations forgotten (`forget`), a rehearsal if asked, then the runner loop. An in-process
+    runner given `results_fd` (the server's results socket) reports its successes there too."""
     pipes = watch.Pipes(relay=relay)
     job_r, job_w = os.pipe()
     sys.stdout.flush()
@@ -66,7 +68,7 @@ def fork(*, one_shot: bool, relay: bool, close: list[int], forget, rehearse=None
             forget()
             if rehearse is not None:
                 _rehearse(rehearse, scratch_dir)
-            _loop(job_r, reporter, one_shot)
+            _loop(job_r, reporter, one_shot, results_fd)
             code = 0
         except BaseException as e:
             watch.report_crash(pipes.report_w, e)
@@ -80,9 +82,14 @@ def fork(*, one_shot: bool, relay: bool, close: list[int], forget, rehearse=None
     return Runner(pipes.parent_side(pid), job_w, one_shot)
 
 
-def _loop(job_r: int, reporter: watch.Reporter, one_shot: bool) -> None:
+def _loop(job_r: int, reporter: watch.Reporter, one_shot: bool, results_fd: int = -1) -> None:
     """One attempt (one-shot), or attempt after attempt in this process, each with its own view."""
     base_path, base_cwd = list(sys.path), os.getcwd()
+    results = None
+    if results_fd >= 0:
+        import socket
+
+        results = socket.socket(fileno=results_fd)
     while True:
         message = _read_frame(job_r)
         if message is None:
@@ -90,11 +97,16 @@ def _loop(job_r: int, reporter: watch.Reporter, one_shot: bool) -> None:
         view: isolation.View = message["view"]
         isolation.enter(view)
         extra = None if one_shot else _runner_memory
+        diagnostics = Diagnostics()
         try:
-            watch.run_reported_attempt(
+            attempt = watch.run_reported_attempt(
                 reporter, message["invocation"], attempt_no=message["attempt_no"],
                 prev_checkpoint=message["prev_checkpoint"], checkpoint_local=message["checkpoint_local"], extra=extra,
+                diagnostics=diagnostics,
             )
+            direct = message.get("direct")
+            if results is not None and direct and attempt.outcome == "success" and attempt.failure is None:
+                _send_direct(results, direct, message["invocation"], attempt, diagnostics)
         finally:
             if not one_shot:
                 sys.path[:] = base_path
@@ -103,6 +115,38 @@ def _loop(job_r: int, reporter: watch.Reporter, one_shot: bool) -> None:
                 execute.phase_listener = None
         if one_shot:
             return
+
+
+def _send_direct(results, direct: dict, invocation, attempt, diagnostics: Diagnostics) -> None:
+    """A success, told to the server at once: after the report (so that the fork server already
+    knows this runner is free when the server sends it the next invocation), before anything else."""
+    from executor.serve.channel import send_result
+
+    try:
+        phases = {**direct["phases_ms"], **diagnostics.phases_ms}
+        peak = max(direct["peak_rss"], execute.peak_rss_bytes())
+        result = result_json(execute.report(invocation, attempt, diagnostics), attempt, direct["attempts"], phases, peak)
+        send_result(results, {"id": direct["id"], "token": direct["token"], "pid": os.getpid(), "result": result})
+    except Exception:  # never fails the runner: the fork server's report of it follows anyway
+        pass
+
+
+def result_json(result, attempt, attempts: int, phases_ms: dict, peak_rss: int) -> dict:
+    """What the server answers for a finished invocation."""
+    failure = attempt.failure
+    return {
+        "outcome": result.outcome,
+        "exit_code": result.exit_code,
+        "files": list(result.written),
+        "error": None if failure is None else {
+            "code": failure.code, "message": logs.redact(failure.message), "phase": failure.phase,
+            "kind": failure.kind.name, "origin": failure.origin.name,
+        },
+        "task": attempt.task_name,
+        "attempts": attempts,
+        "phases_ms": {k: round(v, 3) for k, v in phases_ms.items()},
+        "peak_rss_mib": round(peak_rss / 2**20, 1),
+    }
 
 
 def _runner_memory() -> dict:

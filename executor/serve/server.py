@@ -138,7 +138,14 @@ class Server:
                         worker.post({"op": "cancel", "id": record.id, "message": message, "hint": hint})
             return Answer(202, record.to_json(), record)
 
-    def wait(self, record: Record, seconds: float) -> Answer:
+    def wait(self, record: Record, seconds: float, on_done=None) -> Answer:
+        """The record once it is done, or as it is after `seconds`. `on_done(answer)`, if given, is
+        called by the thread that learns of the end, before this returns: a caller can answer from there
+        without waiting for its own thread to wake."""
+        if on_done is not None:
+            with self.lock:
+                if record.state != DONE:
+                    record.on_done.append(lambda r: on_done(Answer(200, r.to_json(), r)))
         if seconds > 0:
             record.done_event.wait(min(seconds, 3600.0))
         with self.lock:
@@ -165,8 +172,9 @@ class Server:
         worker.in_flight.add(record.id)
         worker.served += 1
         self.running += 1
+        record.token = os.urandom(8).hex()  # what a runner's direct result must carry to be believed
         worker.post({"op": "run", "id": record.id, "invocation": record.invocation, "env": record.env,
-                     "isolation": record.isolation, "failure": failure})
+                     "isolation": record.isolation, "failure": failure, "token": record.token})
 
     def _fill_slots(self) -> None:
         while self.queue and self.running < self.settings.slots and self.state != DRAINING:
@@ -179,7 +187,14 @@ class Server:
         event = message["event"]
         finished = None
         with self.lock:
-            if event == "done":
+            if event == "result":  # an in-process runner's success, ahead of its fork server's report
+                record = self.registry.get(message.get("id"))
+                if _believable(message, record, worker):
+                    worker.in_flight.discard(record.id)
+                    record.worker_pid = message.get("pid")
+                    finished = self._finish(record, message["result"])
+                    self._fill_slots()
+            elif event == "done":
                 record = self.registry.get(message["id"])
                 worker.in_flight.discard(message["id"])
                 worker.rss = message.get("rss", worker.rss)
@@ -210,6 +225,12 @@ class Server:
         return record
 
     def _announce(self, record: Record) -> None:
+        for callback in record.on_done:  # first: a caller waiting on an HTTP connection is answered now
+            try:
+                callback(record)
+            except Exception as e:  # the caller's thread still answers when it wakes
+                logs.warning("answering a waiting caller failed", id=record.id, reason=f"{type(e).__name__}: {e}")
+        record.on_done.clear()
         record.done_event.set()
         for listener in list(self.listeners):
             listener(record)
@@ -309,6 +330,14 @@ class Server:
         with self.lock:
             pids = [w.pid for w in self.pools.all()]
         return {"server": _tree_rss([os.getpid()], children=False), "workers": _tree_rss(pids)}
+
+
+def _believable(message: dict, record: Record | None, worker: Worker) -> bool:
+    """A runner's direct result: for an invocation this worker runs now, with its token, a success."""
+    result = message.get("result")
+    return (record is not None and record.state != DONE and record.worker is worker
+            and message.get("token") == record.token and isinstance(result, dict)
+            and result.get("outcome") == "success" and result.get("error") is None)
 
 
 def _tree_rss(pids: list[int], children: bool = True) -> int:

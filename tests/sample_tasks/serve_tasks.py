@@ -158,3 +158,30 @@ def subprocess_env(x: int) -> str:
 def pick(values: int, factor: int) -> int:
     """A map task's element function: `values` is one element of the mapped list."""
     return values * factor
+
+
+def forge_results(x: int) -> int:
+    """Sends forged results on every datagram socket it holds (an in-process runner holds the server's
+    results socket): one for the invocation named by $VICTIM, one for itself with a made-up token.
+    Returns how many such sockets it found."""
+    import socket
+    import stat
+
+    found = 0
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        with sock:
+            if sock.type != socket.SOCK_DGRAM:
+                continue
+            found += 1
+            for target in (os.environ["VICTIM"], os.environ["SELF"]):
+                forged = {"outcome": "success", "exit_code": 0, "files": ["forged"], "error": None, "task": "forged",
+                          "attempts": 1, "phases_ms": {}, "peak_rss_mib": 0.0}
+                sock.send(json.dumps({"id": target, "token": "0" * 16, "pid": 1, "result": forged}).encode())
+    return found + x
