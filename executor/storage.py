@@ -151,12 +151,14 @@ def upload_file(local_path: str, uri: str) -> None:
     _remote(uri, "upload", "put_file", local_path, path_last=True)
 
 
-def download_hashed(uri: str, local_path: str, durable: bool = True) -> tuple[str, str | None]:
+def download_hashed(uri: str, local_path: str, durable: bool = True, progress=None) -> tuple[str, str | None]:
     """Download uri to local_path atomically, in one pass over the bytes.
 
     Returns (md5 hex of the bytes, the md5 the store itself keeps or None). Objects of at least
     EXECUTOR_PARALLEL_DOWNLOAD_BYTES (default 64 MiB) are fetched as parallel ranged GETs, hashed
-    in order as the parts arrive.
+    in order as the parts arrive. `progress` (a bundle.growing.GrowingFile), if given, is told
+    where each attempt writes (begin) and how far its bytes are complete (grow), so that another
+    thread can read the archive as it arrives; not for a local source (read where it lies).
     """
     from executor.md5 import md5
 
@@ -190,15 +192,19 @@ def download_hashed(uri: str, local_path: str, durable: bool = True) -> tuple[st
         tmp = _temp_path(local_path)
         try:
             with open(tmp, "w+b") as out:  # w+: streamed ranges are hashed back from the file
+                grow = progress.grow if progress is not None and progress.begin(tmp, size) else None
                 if size >= threshold:
                     if reader is not None:
                         reader.close()  # big: fetched again as parallel ranges
-                    _ranged_copy(fs, path, size, part, out, hasher)
+                    _ranged_copy(fs, path, size, part, out, hasher, grow)
                 else:
                     with reader or fs.open(path, "rb", block_size=8 << 20) as reader:
                         while chunk := reader.read(1 << 20):
                             hasher.update(chunk)
                             out.write(chunk)
+                            if grow is not None:
+                                out.flush()
+                                grow(out.tell())
                 if out.tell() != size:
                     raise _Truncated(f"got {out.tell()} of {size} bytes")
                 out.flush()
@@ -221,18 +227,19 @@ class _Truncated(ConnectionError):
 _WORKERS = 4  # ranged GETs at a time
 
 
-def _ranged_copy(fs, path: str, size: int, part: int | None, out, hasher) -> None:
+def _ranged_copy(fs, path: str, size: int, part: int | None, out, hasher, grow=None) -> None:
+    """grow(n), if given, is told each time the first n bytes of the file are complete."""
     if hasattr(fs, "open_range"):
-        _streamed_ranges(fs, path, size, part or -(-size // _WORKERS), out, hasher)
+        _streamed_ranges(fs, path, size, part or -(-size // _WORKERS), out, hasher, grow)
     else:
-        _buffered_ranges(fs, path, size, part or 16 << 20, out, hasher)
+        _buffered_ranges(fs, path, size, part or 16 << 20, out, hasher, grow)
 
 
 def _spans(size: int, part: int) -> list[tuple[int, int]]:
     return [(start, min(start + part, size)) for start in range(0, size, part)]
 
 
-def _streamed_ranges(fs, path: str, size: int, part: int, out, hasher, workers: int = _WORKERS) -> None:
+def _streamed_ranges(fs, path: str, size: int, part: int, out, hasher, grow=None, workers: int = _WORKERS) -> None:
     """Each range streamed straight into its place in the file as it arrives (memory: a chunk per
     worker, so a range can be large: by default one per worker, one GET each), while this thread
     hashes the file's growing prefix in order, read back from the page cache."""
@@ -291,13 +298,15 @@ def _streamed_ranges(fs, path: str, size: int, part: int, out, hasher, workers: 
                         data = os.pread(fd, min(ready - hashed, 1 << 20), hashed)
                         hasher.update(data)
                         hashed += len(data)
+                        if grow is not None:
+                            grow(hashed)
         except BaseException:
             failed.set()
             raise
     out.seek(size)  # written through the fd: the caller checks the file object's size
 
 
-def _buffered_ranges(fs, path: str, size: int, part: int, out, hasher, workers: int = _WORKERS) -> None:
+def _buffered_ranges(fs, path: str, size: int, part: int, out, hasher, grow=None, workers: int = _WORKERS) -> None:
     """Ranges fetched whole into memory (fsspec's cat_file), a bounded window of them, written and
     hashed in order."""
     from collections import deque
@@ -321,6 +330,9 @@ def _buffered_ranges(fs, path: str, size: int, part: int, out, hasher, workers: 
                 raise _Truncated(f"range {start}-{end} returned {len(data)} bytes")
             hasher.update(data)
             out.write(data)
+            if grow is not None:
+                out.flush()
+                grow(out.tell())
             submit()
 
 

@@ -252,6 +252,27 @@ def test_dropped_and_truncated_downloads_are_retried(tmp_path, inputs, moto_s3, 
     run = _run(_fast_args(uri, inputs, tmp_path / "o", tmp_path / "root"), tmp_path / "cache", env=env)
     assert run.returncode == 0, run.stderr
     assert _o0(tmp_path / "o") == 42 and proxy.count >= 3
+    # Extraction followed the cut attempt, then took the retried download whole: nothing left behind.
+    assert [os.listdir(tmp_path / "cache" / sub) for sub in ("staging", "downloads")] == [[], []]
+
+
+def test_bytes_damaged_in_transit_are_the_store_md5_mismatch_and_nothing_is_kept(tmp_path, inputs, moto_s3, fault_proxy):
+    """Extraction runs while the archive downloads; the archive md5 is checked once it is complete, so
+    a body damaged on the way (whole length, one byte flipped) is refused naming both digests, and the
+    staging tree it was extracted into is gone."""
+    from tests.rig.object_stores import CORRUPT
+
+    uri, proxy, env = _s3_bundle_behind_proxy(tmp_path, moto_s3, fault_proxy)
+    proxy.rule = lambda request: CORRUPT if request.method == "GET" else None
+    prefix = tmp_path / "o"
+    run = _run(_fast_args(uri, inputs, prefix, tmp_path / "root"), tmp_path / "cache", env=env)
+    assert run.returncode == 0, run.stderr
+    err = _error(prefix)
+    assert err.code == "BUNDLE_INTEGRITY" and "the store says" in err.message, err.message
+    assert not (prefix / "outputs.pb").exists()
+    cache = tmp_path / "cache"
+    kept = [n for sub in ("entries", "staging", "downloads") for n in os.listdir(cache / sub) if not n.endswith(".inuse")]
+    assert kept == []
 
 
 def test_persistent_storm_gives_bundle_fetch(tmp_path, inputs, moto_s3, fault_proxy):

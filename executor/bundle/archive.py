@@ -131,8 +131,9 @@ class Extracted:
         self.archive_md5 = archive_md5  # with hash_archive=True
 
 
-def extract(archive_path: str, dest: str, limits: Limits | None = None, hash_archive: bool = False) -> Extracted:
-    """Extract archive_path into dest (an empty staging dir).
+def extract(archive_path, dest: str, limits: Limits | None = None, hash_archive: bool = False) -> Extracted:
+    """Extract archive_path (a path, or a growing.GrowingFile being downloaded) into dest (an empty
+    staging dir).
 
     One pass: a thread decompresses (inflate.py), this thread parses (tarstream.py) and checks,
     another hashes (digest.py), and a few create the files (writers.py). Only regular files are
@@ -151,7 +152,7 @@ def extract(archive_path: str, dest: str, limits: Limits | None = None, hash_arc
     from executor.md5 import md5
 
     limits = limits or Limits.from_env()
-    compressed = max(os.path.getsize(archive_path), 1)
+    compressed = max(os.path.getsize(archive_path) if isinstance(archive_path, str) else archive_path.size(), 1)
     root_real = os.path.realpath(dest)
     total = 0
     files: list[str] = []

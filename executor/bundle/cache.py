@@ -141,17 +141,54 @@ class BundleCache:
             return self._extract_and_publish(ref, key, source, archive_md5=None, stored=None)
         download = os.path.join(self.root, "downloads", f"{os.urandom(16).hex()}.tar.gz")
         try:
-            try:
-                # Not durable: the archive is deleted right after extraction.
-                archive_md5, stored = storage.download_hashed(ref.uri, download, durable=False)
-            except storage.StorageError as e:
-                raise self._fetch_failure(ref, e) from None
-            return self._extract_and_publish(ref, key, download, archive_md5, stored)
+            return self._download_and_extract(ref, key, download)
         finally:
             try:
                 os.unlink(download)
             except OSError:
                 pass
+
+    def _download_and_extract(self, ref: BundleRef, key: str | None, download: str) -> Prepared:
+        """The download runs in a thread while this one extracts what has arrived into staging; the
+        archive md5 is checked once the download is complete, before anything is published. If the
+        first download attempt fails and storage retries, the whole download is extracted after."""
+        import threading
+
+        from executor.bundle.growing import Abandoned, GrowingFile
+
+        growing = GrowingFile()
+        outcome: dict = {}
+
+        def fetch() -> None:
+            try:
+                # Not durable: the archive is deleted right after extraction.
+                outcome["md5"] = storage.download_hashed(ref.uri, download, durable=False, progress=growing)
+            except BaseException as e:  # raised by downloaded(), in the caller's thread
+                outcome["error"] = e
+            finally:
+                growing.end()
+
+        fetcher = threading.Thread(target=fetch, name="executor-bundle-fetch", daemon=True)
+        fetcher.start()
+
+        def downloaded() -> tuple[str, str | None]:
+            fetcher.join()
+            error = outcome.get("error")
+            if isinstance(error, storage.StorageError):
+                raise self._fetch_failure(ref, error) from None
+            if error is not None:
+                raise error
+            return outcome["md5"]
+
+        try:
+            return self._extract_and_publish(ref, key, growing, downloaded=downloaded)
+        except Abandoned:
+            archive_md5, stored = downloaded()
+            return self._extract_and_publish(ref, key, download, archive_md5, stored)
+        finally:
+            growing.interrupt()  # an extraction that stopped early: the download still ends, unread
+            fetcher.join()
+            growing.close()
 
     @staticmethod
     def _fetch_failure(ref: BundleRef, e: Exception) -> TaskFailure:
@@ -160,12 +197,14 @@ class BundleCache:
                                hint="was the bundle uploaded by registration? check --additional-distribution / --tgz")
         return TaskFailure("BUNDLE_FETCH", f"cannot download code bundle: {e}", cause=e)
 
-    def _extract_and_publish(self, ref: BundleRef, key: str | None, archive: str, archive_md5: str | None,
-                             stored: str | None) -> Prepared:
-        """archive_md5 given (downloaded): checked before anything is extracted. None (a local file):
-        hashed while extracting if there is an md5 to check, and checked before anything is published."""
+    def _extract_and_publish(self, ref: BundleRef, key: str | None, archive, archive_md5: str | None = None,
+                             stored: str | None = None, downloaded=None) -> Prepared:
+        """archive_md5 given (downloaded): checked before anything is extracted. downloaded given (the
+        archive is a GrowingFile): it returns (archive_md5, stored) once the download is complete,
+        checked before anything is published. Neither (a local file): hashed while extracting if
+        there is an md5 to check, and checked before anything is published."""
         # A local archive is hashed on the way only if there is an md5 to check it against or to name the entry by.
-        hash_archive = archive_md5 is None and bool(ref.archive_md5 or not key)
+        hash_archive = archive_md5 is None and downloaded is None and bool(ref.archive_md5 or not key)
         if archive_md5 is not None:
             verified, unverified = self._verify_archive(ref, archive_md5, stored)
         staging = os.path.join(self.root, "staging", f"{key or 'bundle'}.{os.urandom(16).hex()}")
@@ -174,10 +213,15 @@ class BundleCache:
             try:
                 extracted = self._extract(archive, staging, hash_archive)
             except TaskFailure:
-                if hash_archive and ref.archive_md5:
+                if downloaded is not None:  # damaged bytes are explained by a wrong md5 (or a failed fetch)
+                    self._verify_archive(ref, *downloaded())
+                elif hash_archive and ref.archive_md5:
                     self._verify_archive(ref, _file_md5(archive), None)  # a wrong md5 explains the damage
                 raise
-            if archive_md5 is None:
+            if downloaded is not None:
+                archive_md5, stored = downloaded()
+                verified, unverified = self._verify_archive(ref, archive_md5, stored)
+            elif archive_md5 is None:
                 archive_md5 = extracted.archive_md5  # None unless hash_archive
                 verified, unverified = self._verify_archive(ref, archive_md5, stored)
             if ref.name_digest and ref.policy != "off":

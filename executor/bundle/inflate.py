@@ -36,9 +36,10 @@ class Inflater:
     archives, where starting a thread and handing blocks over costs more than the overlap gains.
     """
 
-    def __init__(self, path: str, archive_hasher=None, threaded: bool = True):
-        """archive_hasher (an md5 object), when given, is fed every byte of the file as it is
-        read, and by hash_rest() whatever comes after what extraction needed."""
+    def __init__(self, path, archive_hasher=None, threaded: bool = True):
+        """path: a file's path, or a growing.GrowingFile (read as it is downloaded). archive_hasher
+        (an md5 object), when given, is fed every byte of the file as it is read, and by
+        hash_rest() whatever comes after what extraction needed."""
         self._archive_hasher = archive_hasher
         self._codec = gzip_codec()
         self._stop = False
@@ -46,7 +47,7 @@ class Inflater:
         self._at = 0  # read position inside _block
         self._offset = 0  # stream offset of _block[_at]
         self._ended = False
-        self._file = open(path, "rb", buffering=0)
+        self._file = open(path, "rb", buffering=0) if isinstance(path, str) else path
         self._inline = None if threaded else self._inflate(self._file)
         self._thread = None
         if threaded:
@@ -185,6 +186,8 @@ class Inflater:
 
     def _stop_decompressing(self) -> None:
         self._stop = True
+        if hasattr(self._file, "interrupt"):  # a growing file: a read waiting for the download returns now
+            self._file.interrupt()
         if self._thread is not None:
             while self._thread.is_alive():
                 try:

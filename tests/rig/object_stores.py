@@ -181,7 +181,7 @@ def gcs_bucket(gcs_emulator, monkeypatch) -> str:
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # pass | status | drop | reset | delay | truncate
+    kind: str  # pass | status | drop | reset | delay | truncate | corrupt
     status: int = 0
     body: bytes = b""
     seconds: float = 0.0
@@ -212,6 +212,9 @@ def delay(seconds: float) -> Fault:
 
 def truncate(keep: float = 0.5) -> Fault:
     return Fault("truncate", keep=keep)
+
+
+CORRUPT = Fault("corrupt")  # the body arrives whole, with one byte in its middle flipped
 
 
 @dataclass
@@ -386,6 +389,9 @@ class FaultProxy:
         out_head = _build_head(status_line, _without(response_headers, "connection") + [("Connection", "close")])
         if fault.kind == "truncate":
             response_body = response_body[: int(len(response_body) * fault.keep)]
+        if fault.kind == "corrupt" and response_body:
+            middle = len(response_body) // 2
+            response_body = response_body[:middle] + bytes([response_body[middle] ^ 0xFF]) + response_body[middle + 1:]
         client.sendall(out_head + response_body)
 
     def _forward(self, first_line, headers, body) -> bytes:
