@@ -473,7 +473,7 @@ PUT, so its ETag is the archive's md5, as after flytekit's upload). Per size, sh
 
 | contender | what runs (a fresh process each time) |
 |---|---|
-| ours cold | `<dev venv>/bin/python -c "from executor.bundle.cache import BundleCache, BundleRef; BundleCache(root).ensure(BundleRef(uri))"` on an empty cache (a fresh root every run): fetch while computing the md5 (a local bundle is read where it lies; its archive md5 is computed, by the decompressing thread, only when there is one to check it against), verify the S3 ETag and the digest in the name (recomputed over the extracted files), safe extraction into staging, read-only, publish |
+| ours cold | `<dev venv>/bin/python -c "from executor.bundle.cache import BundleCache, BundleRef; BundleCache(root).ensure(BundleRef(uri))"` on an empty cache (a fresh root every run): fetch while computing the md5, safe extraction into staging following the download as it arrives (a local bundle is read where it lies; its archive md5 is computed, by the decompressing thread, only when there is one to check it against), then verify the S3 ETag and the digest in the name (recomputed over the extracted files), read-only, publish |
 | baseline | what flytekit's `download_distribution` does inside `pyflyte-fast-execute`, in a `<dev venv>/bin/python` process: fetch the same bytes plainly (locally `shutil.copyfile`; on S3 one s3fs `get_file`, as flytekit fetches through fsspec), then run `tar xzf` into a fresh directory as a subprocess |
 | ours hit | the same `ensure()` on a cache that already holds the bundle (the next pod on the node) |
 
