@@ -78,27 +78,23 @@ def _reader_error(growing: GrowingFile) -> list:
     return errors, thread
 
 
-def test_a_retried_download_abandons_the_reader(tmp_path):
+@pytest.mark.parametrize("stop", ["retried", "ended short", "interrupted"])
+def test_a_waiting_reader_is_abandoned(tmp_path, stop):
+    """The download is retried (its second attempt is not followed), ends short, or the reader stops."""
     path = tmp_path / "a"
     path.write_bytes(b"x" * 100)
     growing = GrowingFile()
     assert growing.begin(str(path), 100)
     growing.grow(40)
     errors, reader = _reader_error(growing)
-    assert growing.begin(str(path), 100) is False  # the second attempt is not followed
-    reader.join(10)
-    assert not reader.is_alive() and len(errors) == 1
-    growing.close()
-
-
-def test_a_download_that_ends_short_abandons_the_reader(tmp_path):
-    path = tmp_path / "a"
-    path.write_bytes(b"x" * 100)
-    growing = GrowingFile()
-    assert growing.begin(str(path), 100)
-    growing.grow(60)
-    errors, reader = _reader_error(growing)
-    growing.end()
+    time.sleep(0.05)
+    assert reader.is_alive()  # it has read the 40 bytes and waits for more
+    if stop == "retried":
+        assert growing.begin(str(path), 100) is False
+    elif stop == "ended short":
+        growing.end()
+    else:
+        growing.interrupt()
     reader.join(10)
     assert not reader.is_alive() and len(errors) == 1
     growing.close()
@@ -117,17 +113,3 @@ def test_a_complete_download_reads_to_its_end_and_a_failed_start_abandons(tmp_pa
     never_began.end()  # e.g. the object does not exist
     with pytest.raises(Abandoned):
         never_began.size()
-
-
-def test_interrupt_unblocks_a_waiting_read(tmp_path):
-    path = tmp_path / "a"
-    path.write_bytes(b"x" * 100)
-    growing = GrowingFile()
-    growing.begin(str(path), 100)
-    errors, reader = _reader_error(growing)
-    time.sleep(0.05)
-    assert reader.is_alive()  # waiting for bytes
-    growing.interrupt()
-    reader.join(10)
-    assert not reader.is_alive() and len(errors) == 1
-    growing.close()
