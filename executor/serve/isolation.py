@@ -78,12 +78,6 @@ def enter(view: View) -> None:
         _link_into(view.bundle_root, view.cwd)
 
 
-def make_dirs(view: View) -> None:
-    """Both fresh, in a directory that exists (one mkdir each: this is on every invocation's path)."""
-    os.mkdir(view.cwd)
-    os.mkdir(view.tmpdir)
-
-
 def _replace_environ(env: dict[str, str]) -> None:
     current = os.environ
     for name in [k for k in current if k not in env]:
