@@ -632,6 +632,15 @@ def _placed(fs, attempt: Callable[[float], object]) -> Callable[[float], object]
 _forking_pid: int | None = None  # a process that forks workers which use storage too
 
 
+def attempts_fork(uri: str) -> bool:
+    """Whether a storage call for uri runs in a forked process here (obstore, in a process that forks
+    workers): what it does to Python objects (a progress callback) is not seen by this process."""
+    if _local_path(uri) is not None:
+        return False
+    forks_attempt = getattr(_filesystem(uri), "forks_attempt", None)
+    return forks_attempt is not None and forks_attempt(_forking_pid == os.getpid())
+
+
 def forks_children() -> None:
     """Say that this process forks workers that use storage: keeps state that does not survive a
     fork (obstore's runtime) out of this process."""

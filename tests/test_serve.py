@@ -410,6 +410,11 @@ def test_forged_direct_results_are_ignored(server, tmp_path, isolation):
     record = s.wait_done("victim")
     assert record["result"]["task"] != "forged" and record["result"]["files"] != ["forged"]
     assert output_value(tmp_path, "victim") == 1.5
+    # Messages of the wrong shape were dropped: the same warm worker serves on.
+    after = s.run(invocation(tmp_path, "after", "add", {"a": 1, "b": 2}, isolation="inprocess"))
+    assert after["result"]["outcome"] == "success"
+    log = s.log()
+    assert "Traceback" not in log and "exited unexpectedly" not in log and s.metric("executor_serve_workers") == 1
 
 
 def test_server_default_isolation_flag(server, tmp_path):

@@ -141,6 +141,8 @@ class BundleCache:
             return self._extract_and_publish(ref, key, source, archive_md5=None, stored=None)
         download = os.path.join(self.root, "downloads", f"{os.urandom(16).hex()}.tar.gz")
         try:
+            if storage.attempts_fork(ref.uri):  # its progress would stay in the forked process
+                return self._extract_and_publish(ref, key, download, *self._download(ref, download))
             return self._download_and_extract(ref, key, download)
         finally:
             try:
@@ -161,8 +163,7 @@ class BundleCache:
 
         def fetch() -> None:
             try:
-                # Not durable: the archive is deleted right after extraction.
-                outcome["md5"] = storage.download_hashed(ref.uri, download, durable=False, progress=growing)
+                outcome["md5"] = self._download(ref, download, growing)
             except BaseException as e:  # raised by downloaded(), in the caller's thread
                 outcome["error"] = e
             finally:
@@ -171,24 +172,29 @@ class BundleCache:
         fetcher = threading.Thread(target=fetch, name="executor-bundle-fetch", daemon=True)
         fetcher.start()
 
-        def downloaded() -> tuple[str, str | None]:
+        def downloaded(followed: bool = True) -> tuple[str, str | None]:
             fetcher.join()
-            error = outcome.get("error")
-            if isinstance(error, storage.StorageError):
-                raise self._fetch_failure(ref, error) from None
-            if error is not None:
-                raise error
+            if "error" in outcome:
+                raise outcome["error"]
+            if followed and growing.retried:  # what was extracted came from an attempt that did not complete
+                raise Abandoned("the download was retried")
             return outcome["md5"]
 
         try:
             return self._extract_and_publish(ref, key, growing, downloaded=downloaded)
         except Abandoned:
-            archive_md5, stored = downloaded()
-            return self._extract_and_publish(ref, key, download, archive_md5, stored)
+            return self._extract_and_publish(ref, key, download, *downloaded(followed=False))
         finally:
             growing.interrupt()  # an extraction that stopped early: the download still ends, unread
             fetcher.join()
             growing.close()
+
+    def _download(self, ref: BundleRef, download: str, progress=None) -> tuple[str, str | None]:
+        try:
+            # Not durable: the archive is deleted right after extraction.
+            return storage.download_hashed(ref.uri, download, durable=False, progress=progress)
+        except storage.StorageError as e:
+            raise self._fetch_failure(ref, e) from None
 
     @staticmethod
     def _fetch_failure(ref: BundleRef, e: Exception) -> TaskFailure:

@@ -29,6 +29,7 @@ class GrowingFile:
         self._began = False
         self._over = False  # the writer is done with it (complete, failed or retried)
         self._interrupted = False
+        self.retried = False  # a second attempt began: what was read may not be what was finally downloaded
 
     # --- the downloading thread ------------------------------------------------------------------
 
@@ -37,6 +38,7 @@ class GrowingFile:
         attempt on: it is not followed (the reader is told Abandoned)."""
         with self._changed:
             if self._began or self._over:
+                self.retried = self._began
                 self._over = True
                 self._changed.notify_all()
                 return False

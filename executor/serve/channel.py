@@ -181,17 +181,19 @@ def send_result(sock: socket.socket, message: dict) -> bool:
         return False
 
 
-def receive_results(sock: socket.socket) -> list[dict]:
-    """Every datagram waiting now that is a JSON object (anything else is dropped)."""
+def receive_results(sock: socket.socket, most: int = 256) -> list[dict]:
+    """The datagrams waiting now (at most `most`) that have a result's shape; anything else is dropped."""
     messages = []
-    while True:
+    for _ in range(most):
         try:
             data = sock.recv(_MAX_RESULT)
         except (BlockingIOError, InterruptedError):
-            return messages
+            break
         try:
             message = json.loads(data)
         except ValueError:
             continue
-        if isinstance(message, dict):
+        if (isinstance(message, dict) and isinstance(message.get("id"), str) and isinstance(message.get("token"), str)
+                and isinstance(message.get("result"), dict) and isinstance(message.get("pid", 0), int)):
             messages.append(message)
+    return messages

@@ -538,7 +538,7 @@ class ForkServer:
         else:
             result = execute.report(job.invocation, attempt, job.diagnostics)
         self._send({
-            "event": "done", "id": job.id, "rss": isolation.current_rss(), "pid": job.pid,
+            "event": "done", "id": job.id, "token": job.token, "rss": isolation.current_rss(), "pid": job.pid,
             "result": runner_module.result_json(result, attempt, job.attempt_no + 1, job.diagnostics.phases_ms,
                                                 job.diagnostics.peak_rss_bytes),
         })
@@ -554,21 +554,23 @@ class ForkServer:
         """An invocation's fresh root with its empty work, tmp and checkpoint directories: one made
         ahead of need, renamed (one rename instead of four mkdirs on the invocation's path)."""
         while self._spare_roots:
+            spare = self._spare_roots.pop()
             try:
-                os.rename(self._spare_roots.pop(), root)
+                os.rename(spare, root)
                 return
+            except FileNotFoundError:
+                continue  # removed from under us: the next, or a new one
             except OSError:
-                continue  # removed from under us: make one
-        os.mkdir(root)
-        for sub in ("work", "tmp", "checkpoint"):
-            os.mkdir(os.path.join(root, sub))
+                shutil.rmtree(spare, ignore_errors=True)
+                raise
+        _make_dirs(root)
 
     def _refill_roots(self) -> None:
         if self.exiting or len(self._spare_roots) >= 2:
             return
         spare = os.path.join(self.work_dir, f".spare-{os.getpid()}-{next(self._numbers)}")
         try:
-            self._make_root(spare)
+            _make_dirs(spare)
         except OSError:
             return
         self._spare_roots.append(spare)
@@ -675,6 +677,12 @@ def _exists(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+
+
+def _make_dirs(root: str) -> None:
+    os.mkdir(root)
+    for sub in ("work", "tmp", "checkpoint"):  # the View's cwd and TMPDIR, Job.checkpoint_local
+        os.mkdir(os.path.join(root, sub))
 
 
 def _remove_tree(root: str) -> None:

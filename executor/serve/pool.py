@@ -101,16 +101,14 @@ class Worker:
             while True:
                 try:
                     readable, _, _ = select.select([self.channel.sock, self.results], [], [])
-                    # A runner's result first: the fork server's report of the same invocation may follow.
-                    messages = [{**m, "event": "result"} for m in receive_results(self.results)] if self.results in readable else []
+                    if self.results in readable:  # a runner's result first: the fork server's report may follow
+                        self._deliver({**m, "event": "result"} for m in receive_results(self.results))
                     if self.channel.sock in readable:
-                        messages += self.channel.pump()
+                        self._deliver(self.channel.pump())
                 except Closed:
                     break
                 except (OSError, ValueError):
                     break
-                for message in messages:
-                    self._on_message(self, message)
         finally:
             self.results.close()
             try:
@@ -120,6 +118,14 @@ class Worker:
                 code = self.proc.wait()
             self.channel.close()
             self._on_exit(self, code)
+
+    def _deliver(self, messages) -> None:
+        for message in messages:
+            try:
+                self._on_message(self, message)
+            except Exception as e:  # a bug, or a malformed message: never the end of this reader
+                logs.error("a warm worker's message could not be handled", pool=self.key, pid=self.pid,
+                           event=str(message.get("event")), reason=f"{type(e).__name__}: {e}")
 
     def kill(self) -> None:
         try:

@@ -124,7 +124,7 @@ def _send_direct(results, direct: dict, invocation, attempt, diagnostics: Diagno
 
     try:
         phases = {**direct["phases_ms"], **diagnostics.phases_ms}
-        peak = max(direct["peak_rss"], execute.peak_rss_bytes())
+        peak = max(direct["peak_rss"], _runner_memory()["peak_rss"])  # as its report to the fork server says
         result = result_json(execute.report(invocation, attempt, diagnostics), attempt, direct["attempts"], phases, peak)
         send_result(results, {"id": direct["id"], "token": direct["token"], "pid": os.getpid(), "result": result})
     except Exception:  # never fails the runner: the fork server's report of it follows anyway

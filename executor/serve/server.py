@@ -142,13 +142,17 @@ class Server:
         """The record once it is done, or as it is after `seconds`. `on_done(answer)`, if given, is
         called by the thread that learns of the end, before this returns: a caller can answer from there
         without waiting for its own thread to wake."""
+        callback = None
         if on_done is not None:
             with self.lock:
                 if record.state != DONE:
-                    record.on_done.append(lambda r: on_done(Answer(200, r.to_json(), r)))
+                    callback = lambda r: on_done(Answer(200, r.to_json(), r))  # noqa: E731
+                    record.on_done.append(callback)
         if seconds > 0:
             record.done_event.wait(min(seconds, 3600.0))
         with self.lock:
+            if callback is not None and record.state != DONE:
+                record.on_done.remove(callback)  # a caller polling with short waits leaves nothing behind
             return Answer(200 if record.state == DONE else 202, record.to_json(), record)
 
     @property
@@ -196,7 +200,10 @@ class Server:
                     self._fill_slots()
             elif event == "done":
                 record = self.registry.get(message["id"])
-                worker.in_flight.discard(message["id"])
+                if record is not None and message.get("token", record.token) != record.token:
+                    record = None  # a report of an earlier invocation with this id (since forgotten)
+                else:
+                    worker.in_flight.discard(message["id"])
                 worker.rss = message.get("rss", worker.rss)
                 if record is not None and record.state != DONE:
                     record.worker_pid = message.get("pid")

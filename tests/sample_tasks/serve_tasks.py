@@ -162,8 +162,8 @@ def pick(values: int, factor: int) -> int:
 
 def forge_results(x: int) -> int:
     """Sends forged results on every datagram socket it holds (an in-process runner holds the server's
-    results socket): one for the invocation named by $VICTIM, one for itself with a made-up token.
-    Returns how many such sockets it found."""
+    results socket): one for the invocation named by $VICTIM, one for itself with a made-up token,
+    and messages of the wrong shape. Returns how many such sockets it found."""
     import socket
     import stat
 
@@ -184,4 +184,7 @@ def forge_results(x: int) -> int:
                 forged = {"outcome": "success", "exit_code": 0, "files": ["forged"], "error": None, "task": "forged",
                           "attempts": 1, "phases_ms": {}, "peak_rss_mib": 0.0}
                 sock.send(json.dumps({"id": target, "token": "0" * 16, "pid": 1, "result": forged}).encode())
+            for junk in (b"not json", b"[1, 2]", json.dumps({"id": [], "token": 1}).encode(),
+                         json.dumps({"id": os.environ["VICTIM"], "token": "0" * 16, "result": []}).encode()):
+                sock.send(junk)
     return found + x
