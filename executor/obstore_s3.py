@@ -99,15 +99,10 @@ class ObstoreS3:
         self._stores: dict = {}
 
     @staticmethod
-    def forks_attempt(in_child: bool) -> bool:
-        """Whether run_attempt(..., in_child) runs the attempt in a forked process."""
-        return in_child and _runtime_pid is None  # the runtime not started here: keep it so
-
-    @staticmethod
     def run_attempt(attempt, timeout: float, in_child: bool = False):
         """attempt(timeout), here or (in_child: this process forks workers later) in a forked one."""
         global _runtime_pid
-        if ObstoreS3.forks_attempt(in_child):
+        if in_child and _runtime_pid is None:  # not started here: keep it so
             from executor.forked_call import call_in_child
 
             return call_in_child(_leaf_attempt, attempt, timeout)

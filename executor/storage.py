@@ -192,7 +192,7 @@ def download_hashed(uri: str, local_path: str, durable: bool = True, progress=No
         tmp = _temp_path(local_path)
         try:
             with open(tmp, "w+b") as out:  # w+: streamed ranges are hashed back from the file
-                grow = progress.grow if progress is not None and progress.begin(tmp, size) else None
+                grow = progress.grow if progress is not None and progress.begin(tmp, size, local_path) else None
                 if size >= threshold:
                     if reader is not None:
                         reader.close()  # big: fetched again as parallel ranges
@@ -631,14 +631,6 @@ def _placed(fs, attempt: Callable[[float], object]) -> Callable[[float], object]
 
 _forking_pid: int | None = None  # a process that forks workers which use storage too
 
-
-def attempts_fork(uri: str) -> bool:
-    """Whether a storage call for uri runs in a forked process here (obstore, in a process that forks
-    workers): what it does to Python objects (a progress callback) is not seen by this process."""
-    if _local_path(uri) is not None:
-        return False
-    forks_attempt = getattr(_filesystem(uri), "forks_attempt", None)
-    return forks_attempt is not None and forks_attempt(_forking_pid == os.getpid())
 
 
 def forks_children() -> None:

@@ -24,38 +24,52 @@ def _files(root) -> list[str]:
 
 
 @pytest.mark.usefixtures("extraction_threads")
-def test_extraction_reads_the_archive_while_it_is_written(tmp_path):
+@pytest.mark.parametrize("writer", ["thread", "forked process"])
+def test_extraction_reads_the_archive_while_it_is_written(tmp_path, writer):
     """Files appear in staging before the last bytes of the archive are written: the writer holds
-    back its last chunk until it sees one (it gives up after 10 s, and the test fails)."""
+    back its last chunk until it sees one (it gives up after 10 s, and the test fails). The writer
+    may be a thread or a forked process (storage runs obstore's attempts in one)."""
     data = _bundle(tmp_path)
     path, staging = tmp_path / "download.tar.gz", tmp_path / "staging"
     staging.mkdir()
     growing = GrowingFile()
-    seen_before_the_end: list[bool] = []
 
-    def write() -> None:
+    def write() -> bool:
+        seen = False
         with open(path, "wb") as f:
-            assert growing.begin(str(path), len(data))
+            growing.begin(str(path), len(data))
             chunk = len(data) // 8 + 1
             for start in range(0, len(data), chunk):
                 if start + chunk >= len(data):  # the last chunk: only once extraction has produced a file
                     deadline = time.monotonic() + 10
                     while not _files(staging) and time.monotonic() < deadline:
                         time.sleep(0.01)
-                    seen_before_the_end.append(bool(_files(staging)))
+                    seen = bool(_files(staging))
                 f.write(data[start:start + chunk])
                 f.flush()
                 growing.grow(f.tell())
-        growing.end()
+        return seen
 
-    writer = threading.Thread(target=write)
-    writer.start()
+    if writer == "thread":
+        seen: list[bool] = []
+        thread = threading.Thread(target=lambda: seen.append(write()))
+        thread.start()
+        finish = thread.join
+    else:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if write() else 1)
+
+        def finish():
+            seen.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0)
+        seen = []
     try:
         extracted = archive.extract(growing, str(staging))
     finally:
-        writer.join()
+        finish()
+        growing.end()
         growing.close()
-    assert seen_before_the_end == [True]
+    assert seen == [True]
     assert len(extracted.files) == 24 and _files(staging) == sorted(extracted.files)
     reference = tmp_path / "reference"
     reference.mkdir()
@@ -63,40 +77,43 @@ def test_extraction_reads_the_archive_while_it_is_written(tmp_path):
     assert archive.extract(str(path), str(reference)).content_digest == extracted.content_digest is not None
 
 
-def _reader_error(growing: GrowingFile) -> list:
+def _reader_error(growing: GrowingFile) -> tuple[list, threading.Thread, list]:
+    """A thread reading `growing` to its end: the Abandoned it got, itself, the bytes it read."""
     errors: list = []
+    got: list = []
 
     def read() -> None:
         try:
-            while growing.read(1 << 16):
-                pass
+            while data := growing.read(1 << 16):
+                got.append(len(data))
         except Abandoned as e:
             errors.append(e)
 
     thread = threading.Thread(target=read)
     thread.start()
-    return errors, thread
+    return errors, thread, got
 
 
 @pytest.mark.parametrize("stop", ["retried", "ended short", "interrupted"])
 def test_a_waiting_reader_is_abandoned(tmp_path, stop):
     """The download is retried (its second attempt is not followed), ends short, or the reader stops."""
     path = tmp_path / "a"
-    path.write_bytes(b"x" * 100)
+    path.write_bytes(b"x" * 200_000)
     growing = GrowingFile()
-    assert growing.begin(str(path), 100)
-    growing.grow(40)
-    errors, reader = _reader_error(growing)
+    assert growing.begin(str(path), 200_000)
+    growing.grow(100_000)
+    errors, reader, got = _reader_error(growing)
     time.sleep(0.05)
-    assert reader.is_alive()  # it has read the 40 bytes and waits for more
+    assert reader.is_alive() and sum(got) == 100_000  # it has read what is complete and waits for more
     if stop == "retried":
-        assert growing.begin(str(path), 100) is False
+        growing.begin(str(path), 200_000)  # a second attempt: not followed
     elif stop == "ended short":
         growing.end()
     else:
         growing.interrupt()
     reader.join(10)
     assert not reader.is_alive() and len(errors) == 1
+    assert growing.retried == (stop == "retried")
     growing.close()
 
 

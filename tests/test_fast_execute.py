@@ -151,6 +151,7 @@ def test_from_s3_verifies_store_md5(tmp_path, inputs, moto_s3):
     run = _run(_fast_args(_s3_bundle(tmp_path, moto_s3), inputs, tmp_path / "o", tmp_path / "root"),
                tmp_path / "cache", env=moto_s3.env)
     assert run.returncode == 0, run.stderr
+    assert (tmp_path / "o" / "outputs.pb").exists(), run.stderr[-3000:]
     assert _o0(tmp_path / "o") == 42 and "store md5" in run.stderr
 
 
@@ -223,6 +224,7 @@ def test_from_gcs_verifies_store_md5(tmp_path, inputs, gcs_emulator):
     run = _run(_fast_args(f"gs://{bucket}/fast/{bundle.name}", inputs, tmp_path / "o", tmp_path / "root"),
                tmp_path / "cache", env=gcs_emulator.env)
     assert run.returncode == 0, run.stderr
+    assert (tmp_path / "o" / "outputs.pb").exists(), run.stderr[-3000:]
     assert _o0(tmp_path / "o") == 42 and "store md5" in run.stderr and "name digest" in run.stderr
 
 

@@ -16,7 +16,6 @@ import pytest
 
 from executor import storage
 from executor.storage import StorageError, StorageNotFound
-from tests.helpers import env_with
 from tests.rig.object_stores import DROP, FORBIDDEN, PASS, RESET, SLOWDOWN, TOO_MANY_REQUESTS, delay, truncate
 
 GENEROUS = 30.0  # upper bound for anything that should stop at a few seconds; the box is noisy
@@ -193,18 +192,6 @@ def test_invalid_s3_client_is_reported_by_name(monkeypatch):
     monkeypatch.setenv("EXECUTOR_S3_CLIENT", "boto")
     with pytest.raises(StorageError, match="EXECUTOR_S3_CLIENT='boto' is invalid"):
         storage.read_bytes("s3://bucket/key")
-
-
-@pytest.mark.parametrize("client, forking", [("obstore", "True"), ("s3fs", "False")])
-def test_attempts_fork_only_for_obstore_in_a_process_that_forks_workers(moto_s3, client, forking):
-    """A bundle download follows its progress from another thread only where storage calls run in this
-    process: obstore's attempts run in a forked child once the process says it forks workers."""
-    code = ("from executor import storage; uri = 's3://bucket/fast/x.tar.gz'; print(storage.attempts_fork(uri)); "
-            "storage.forks_children(); print(storage.attempts_fork(uri)); print(storage.attempts_fork('/tmp/x'))")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         env=env_with({**moto_s3.env, "EXECUTOR_S3_CLIENT": client}))
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["False", forking, "False"]
 
 
 def test_standard_aws_endpoint_variable_works_without_flyte_ones(s3_client, s3_bucket, moto_s3, monkeypatch):

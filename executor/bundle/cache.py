@@ -141,8 +141,6 @@ class BundleCache:
             return self._extract_and_publish(ref, key, source, archive_md5=None, stored=None)
         download = os.path.join(self.root, "downloads", f"{os.urandom(16).hex()}.tar.gz")
         try:
-            if storage.attempts_fork(ref.uri):  # its progress would stay in the forked process
-                return self._extract_and_publish(ref, key, download, *self._download(ref, download))
             return self._download_and_extract(ref, key, download)
         finally:
             try:
@@ -173,7 +171,7 @@ class BundleCache:
         fetcher.start()
 
         def downloaded(followed: bool = True) -> tuple[str, str | None]:
-            fetcher.join()
+            growing.join_writer(fetcher)
             if "error" in outcome:
                 raise outcome["error"]
             if followed and growing.retried:  # what was extracted came from an attempt that did not complete
@@ -185,8 +183,7 @@ class BundleCache:
         except Abandoned:
             return self._extract_and_publish(ref, key, download, *downloaded(followed=False))
         finally:
-            growing.interrupt()  # an extraction that stopped early: the download still ends, unread
-            fetcher.join()
+            growing.join_writer(fetcher)  # an extraction that stopped early: the download still ends, unread
             growing.close()
 
     def _download(self, ref: BundleRef, download: str, progress=None) -> tuple[str, str | None]:

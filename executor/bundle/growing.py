@@ -1,18 +1,25 @@
 """A download that extraction reads while it arrives.
 
-The downloading thread (storage.download_hashed, given this as its `progress`) writes the archive
+The downloading side (storage.download_hashed, given this as its `progress`) writes the archive
 front to back into its temp file and says how far the bytes are complete; extraction reads that
 prefix through its own descriptor and waits at its end. A cold bundle from a store then costs about
 the longer of download and extraction, not their sum, and the archive's bytes are still read once
 from the network and hashed once.
 
-Only the first download attempt is followed: if it fails and storage retries, the reader gets
-Abandoned and the caller extracts the finished download afterwards, as before.
+The downloading side tells the reading side over a pipe, as one short line per event, so it may be
+another thread or a forked process (storage runs obstore's attempts in a forked child where the
+process forks workers later): nothing is shared but the pipe and the file.
+
+Only the first download attempt is followed: if storage retries, the reader gets Abandoned (and
+`retried` is set) and the caller extracts the finished download afterwards, as before.
 """
 from __future__ import annotations
 
+import json
 import os
-import threading
+
+_MOST_GROWS = 1024  # "grow" lines per attempt at most (the pipe holds them all: 64 KiB), the last one always
+_LEAST_GROW = 64 << 10
 
 
 class Abandoned(Exception):
@@ -21,77 +28,130 @@ class Abandoned(Exception):
 
 class GrowingFile:
     def __init__(self):
-        self._changed = threading.Condition()
+        self._events_r, self._events_w = os.pipe()
+        os.set_blocking(self._events_r, False)
+        self._pending = b""
+        # the reading side's view
         self._fd = -1
         self._size: int | None = None
         self._ready = 0  # bytes at the front of the file that are complete
         self._pos = 0
-        self._began = False
         self._over = False  # the writer is done with it (complete, failed or retried)
         self._interrupted = False
         self.retried = False  # a second attempt began: what was read may not be what was finally downloaded
+        # the writing side's own (in whichever process writes)
+        self._writing_size = 0
+        self._told = 0
+        self._grow_every = _LEAST_GROW
 
-    # --- the downloading thread ------------------------------------------------------------------
+    # --- the downloading side (a thread, or a forked child) -------------------------------------------
 
-    def begin(self, path: str, size: int) -> bool:
-        """A download attempt starts writing `path` (`size` bytes in all). False from the second
-        attempt on: it is not followed (the reader is told Abandoned)."""
-        with self._changed:
-            if self._began or self._over:
-                self.retried = self._began
-                self._over = True
-                self._changed.notify_all()
-                return False
-            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            self._began, self._size = True, size
-            self._changed.notify_all()
-            return True
+    def begin(self, path: str, size: int, final: str | None = None) -> bool:
+        """A download attempt starts writing `path` (`size` bytes in all), to be renamed to `final`
+        once complete. The reader follows the first attempt only; a later one ends the following."""
+        self._writing_size, self._told = size, 0
+        self._grow_every = max(_LEAST_GROW, size // _MOST_GROWS)
+        self._tell(["begin", size, path, final])
+        return True
 
     def grow(self, ready: int) -> None:
         """The first `ready` bytes of the file are written and final."""
-        with self._changed:
-            self._ready = ready
-            self._changed.notify_all()
+        if ready - self._told >= self._grow_every or ready == self._writing_size:
+            self._told = ready
+            self._tell(["grow", ready])
 
     def end(self) -> None:
         """The writer is done: after the last grow() of a complete download, or after a failure."""
-        with self._changed:
-            self._over = True
-            self._changed.notify_all()
+        self._tell(["end"])
 
-    # --- the extracting thread -------------------------------------------------------------------
+    def _tell(self, event: list) -> None:
+        os.write(self._events_w, json.dumps(event).encode() + b"\n")  # one write under PIPE_BUF: atomic
+
+    # --- the reading side ------------------------------------------------------------------------------
 
     def size(self) -> int:
         """The archive's size (waits for the download to begin)."""
-        with self._changed:
-            self._wait(lambda: self._began)
-            return self._size
+        while self._size is None:
+            self._check_going()
+            self._receive(block=True)
+        return self._size
 
     def read(self, n: int) -> bytes:
         """Up to n bytes from the current position: b"" only at the end of a complete download."""
-        with self._changed:
-            self._wait(lambda: self._ready > self._pos or self._ready == self._size)
-            available = min(n, self._ready - self._pos)
-        if available <= 0:
-            return b""
-        data = os.pread(self._fd, available, self._pos)
+        self._receive(block=False)
+        while self._ready <= self._pos:
+            if self._size is not None and self._ready == self._size:
+                return b""
+            self._check_going()
+            self._receive(block=True)
+        data = os.pread(self._fd, min(n, self._ready - self._pos), self._pos)
         self._pos += len(data)
         return data
 
-    def _wait(self, ready) -> None:
-        while not ready():
-            if self._interrupted or (self._over and not ready()):
-                raise Abandoned("the download was retried or failed; the archive is extracted once it is complete")
-            self._changed.wait()
-
     def interrupt(self) -> None:
         """Make a read that waits (or the next one) raise Abandoned: the reader is stopping."""
-        with self._changed:
+        self._tell(["interrupt"])
+
+    def join_writer(self, thread) -> None:
+        """Wait for the downloading thread to end, taking in what it says meanwhile (a reader that
+        stopped must not leave the writer blocked on a full pipe)."""
+        import select
+
+        while thread.is_alive():
+            select.select([self._events_r], [], [], 0.1)
+            self._receive(block=False)
+        self._receive(block=False)
+
+    def _check_going(self) -> None:
+        if self._interrupted or self._over:
+            raise Abandoned("the download was retried or failed; the archive is extracted once it is complete")
+
+    def _receive(self, block: bool) -> None:
+        """Apply the events written so far (block: wait for at least one)."""
+        while True:
+            if block:
+                import select
+
+                select.select([self._events_r], [], [])
+            try:
+                chunk = os.read(self._events_r, 65536)
+            except BlockingIOError:
+                chunk = b""
+            *lines, self._pending = (self._pending + chunk).split(b"\n")
+            for line in lines:
+                self._apply(json.loads(line))
+            if lines or not block:
+                return
+
+    def _apply(self, event: list) -> None:
+        kind = event[0]
+        if kind == "interrupt":
             self._interrupted = True
-            self._changed.notify_all()
+        elif self._over:
+            return  # after a retry or the end: nothing more is followed
+        elif kind == "begin":
+            if self._size is not None:  # a second attempt
+                self.retried = self._over = True
+                return
+            # The writer may be done (the file renamed to its final name) before this reads its "begin".
+            for path in filter(None, event[2:4]):
+                try:
+                    self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                    break
+                except FileNotFoundError:
+                    continue
+            else:  # the attempt failed and its file is gone: the retried download is extracted whole
+                self.retried = self._over = True
+                return
+            self._size = event[1]
+        elif kind == "grow":
+            self._ready = event[1]
+        elif kind == "end":
+            self._over = self._ready != self._size  # a complete download reads on to its end
 
     def close(self) -> None:
-        with self._changed:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+        """After the writer is done (join_writer)."""
+        for fd in (self._fd, self._events_r, self._events_w):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._events_r = self._events_w = -1

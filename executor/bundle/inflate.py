@@ -47,7 +47,8 @@ class Inflater:
         self._at = 0  # read position inside _block
         self._offset = 0  # stream offset of _block[_at]
         self._ended = False
-        self._file = open(path, "rb", buffering=0) if isinstance(path, str) else path
+        self._opened = isinstance(path, str)
+        self._file = open(path, "rb", buffering=0) if self._opened else path
         self._inline = None if threaded else self._inflate(self._file)
         self._thread = None
         if threaded:
@@ -182,7 +183,8 @@ class Inflater:
 
     def __exit__(self, *exc) -> None:
         self._stop_decompressing()
-        self._file.close()
+        if self._opened:
+            self._file.close()  # a growing file is its owner's to close
 
     def _stop_decompressing(self) -> None:
         self._stop = True
