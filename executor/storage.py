@@ -217,7 +217,20 @@ def download_hashed(uri: str, local_path: str, durable: bool = True, progress=No
             if tmp is not None:
                 _remove_quietly(tmp)
 
-    return _with_retries(uri, "download", _placed(fs, attempt))
+    placed = _placed(fs, attempt)
+    if progress is None:
+        return _with_retries(uri, "download", placed)
+
+    def followed(timeout: float) -> tuple[str, str | None]:
+        try:
+            return placed(timeout)
+        except BaseException:
+            # Told here, in this process, before any retry: the reader stops following now, so a
+            # retry's fork never meets extraction threads still at work on this attempt's bytes.
+            progress.end()
+            raise
+
+    return _with_retries(uri, "download", followed)
 
 
 class _Truncated(ConnectionError):

@@ -113,7 +113,7 @@ def test_a_waiting_reader_is_abandoned(tmp_path, stop):
         growing.interrupt()
     reader.join(10)
     assert not reader.is_alive() and len(errors) == 1
-    assert growing.retried == (stop == "retried")
+    assert growing.followed_attempt_failed == (stop != "interrupted")
     growing.close()
 
 

@@ -174,8 +174,8 @@ class BundleCache:
             growing.join_writer(fetcher)
             if "error" in outcome:
                 raise outcome["error"]
-            if followed and growing.retried:  # what was extracted came from an attempt that did not complete
-                raise Abandoned("the download was retried")
+            if followed and growing.followed_attempt_failed:  # what was extracted came from an attempt that did not complete
+                raise Abandoned("the download attempt that extraction followed did not complete")
             return outcome["md5"]
 
         try:

@@ -11,7 +11,7 @@ another thread or a forked process (storage runs obstore's attempts in a forked 
 process forks workers later): nothing is shared but the pipe and the file.
 
 Only the first download attempt is followed: if storage retries, the reader gets Abandoned (and
-`retried` is set) and the caller extracts the finished download afterwards, as before.
+`followed_attempt_failed` is set) and the caller extracts the finished download afterwards, as before.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class GrowingFile:
         self._pos = 0
         self._over = False  # the writer is done with it (complete, failed or retried)
         self._interrupted = False
-        self.retried = False  # a second attempt began: what was read may not be what was finally downloaded
+        self.followed_attempt_failed = False  # what was read may not be what was finally downloaded
         # the writing side's own (in whichever process writes)
         self._writing_size = 0
         self._told = 0
@@ -131,7 +131,7 @@ class GrowingFile:
             return  # after a retry or the end: nothing more is followed
         elif kind == "begin":
             if self._size is not None:  # a second attempt
-                self.retried = self._over = True
+                self.followed_attempt_failed = self._over = True
                 return
             # The writer may be done (the file renamed to its final name) before this reads its "begin".
             for path in filter(None, event[2:4]):
@@ -141,13 +141,14 @@ class GrowingFile:
                 except FileNotFoundError:
                     continue
             else:  # the attempt failed and its file is gone: the retried download is extracted whole
-                self.retried = self._over = True
+                self.followed_attempt_failed = self._over = True
                 return
             self._size = event[1]
         elif kind == "grow":
             self._ready = event[1]
         elif kind == "end":
-            self._over = self._ready != self._size  # a complete download reads on to its end
+            if self._ready != self._size:  # an attempt that did not complete: not read on from here
+                self.followed_attempt_failed = self._over = True
 
     def close(self) -> None:
         """After the writer is done (join_writer)."""
