@@ -189,10 +189,13 @@ def download_hashed(uri: str, local_path: str, durable: bool = True, progress=No
         reader, info = fs.open_with_info(path) if hasattr(fs, "open_with_info") else (None, fs.info(path))
         size = int(info.get("size") or 0)
         hasher = md5(size, threaded=size >= threshold)  # parallel ranges: other threads fetch while it hashes
-        tmp = _temp_path(local_path)
+        tmp, fd = _create_temp(local_path)
         try:
-            with open(tmp, "w+b") as out:  # w+: streamed ranges are hashed back from the file
-                grow = progress.grow if progress is not None and progress.begin(tmp, size, local_path) else None
+            with os.fdopen(fd, "w+b") as out:  # w+: streamed ranges are hashed back from the file
+                grow = None
+                if progress is not None:
+                    progress.begin(tmp, size, local_path)
+                    grow = progress.grow
                 if size >= threshold:
                     if reader is not None:
                         reader.close()  # big: fetched again as parallel ranges
@@ -418,10 +421,11 @@ def _temp_path(path: str, make_dirs: bool = True) -> str:
 
 
 def _create_temp(path: str) -> tuple[str, int]:
-    """A fresh temp file beside `path` (its directories made if missing): (its path, an fd open for writing)."""
+    """A fresh temp file beside `path` (its directories made if missing): (its path, an fd open for
+    reading and writing)."""
     tmp = _temp_path(path, make_dirs=False)  # the directory usually exists: no makedirs per write
     # O_EXCL: never clobber another writer's temp; mode 0o666 lets the umask decide.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
     try:
         return tmp, os.open(tmp, flags, 0o666)
     except FileNotFoundError:
@@ -643,7 +647,6 @@ def _placed(fs, attempt: Callable[[float], object]) -> Callable[[float], object]
 
 
 _forking_pid: int | None = None  # a process that forks workers which use storage too
-
 
 
 def forks_children() -> None:

@@ -48,7 +48,8 @@ class GrowingFile:
 
     def begin(self, path: str, size: int, final: str | None = None) -> bool:
         """A download attempt starts writing `path` (`size` bytes in all), to be renamed to `final`
-        once complete. The reader follows the first attempt only; a later one ends the following."""
+        once complete. The reader follows the first attempt only; a later one ends the following
+        (decided by the reader: a writer in a forked child cannot know, so this always says True)."""
         self._writing_size, self._told = size, 0
         self._grow_every = max(_LEAST_GROW, size // _MOST_GROWS)
         self._tell(["begin", size, path, final])
