@@ -354,6 +354,34 @@ def test_a_secret_never_reaches_a_later_invocations_subprocesses(server, tmp_pat
     assert f"MY_TOKEN={SECRET}" in output_value(tmp_path, "holder")  # its own subprocess has it
 
 
+def test_no_child_can_reach_another_invocations_env_or_secret(server, tmp_path):
+    # A task walks everything its process can reach (modules, the stack it inherited, every object the
+    # collector tracks) for another invocation's env value and secret. The holder is the pool's first
+    # invocation (what its zygote is forked after) and runs while the others start: isolated from a
+    # spare, isolated forked for it (it has secrets of its own), in-process; then again after it ended.
+    s = server("--concurrency", "4")
+    head, tail = "leak-7c1f", "-e2a94b0d"
+    secret = security_pb2.Secret(group="api", key="token", env_var="MY_TOKEN")
+    with_secret = ["--task-template", str(_template(tmp_path / "t.pb", secrets=[secret]))]
+    holder = invocation(tmp_path, "holder", "sleepy", {"seconds": 3.0}, extra=with_secret,
+                        env={"HOLDER_VALUE": head + tail + "-env", "_FSEC_API_TOKEN": head + tail + "-secret",
+                             **scratch_env(tmp_path, "holder")})
+    assert s.post(holder)[0] == 202
+    wait_for(lambda: (tmp_path / "scratch-holder" / "started").exists(), what="the holder to start")
+
+    def scan(name: str, **kwargs) -> None:
+        s.run(invocation(tmp_path, name, "find_marker", {"head": head, "tail": tail}, **kwargs))
+
+    scan("during-spare")
+    scan("during-own-child", extra=with_secret, env={"_FSEC_API_TOKEN": "its-own"})
+    scan("during-inprocess", isolation="inprocess")
+    assert s.wait_done("holder")["result"]["outcome"] == "success"
+    scan("after-spare")
+    scan("after-own-child", extra=with_secret, env={"_FSEC_API_TOKEN": "its-own"})
+    names = ("during-spare", "during-own-child", "during-inprocess", "after-spare", "after-own-child")
+    assert {name: output_value(tmp_path, name)["found"] for name in names} == {name: [] for name in names}
+
+
 def test_template_env_applies_to_its_invocation_only(server, tmp_path):
     s = server()
     template = ["--task-template", str(_template(tmp_path / "t.pb", env={"FROM_TEMPLATE": "yes"}))]

@@ -48,6 +48,12 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def discard_buffers(self) -> None:
+        """In a forked child that will never use this channel: what it had read or not yet sent (other
+        invocations' messages) is dropped."""
+        self._buffer = bytearray()
+        self._pending = bytearray()
+
     # --- sending -----------------------------------------------------------------------------------
 
     def send(self, message: dict) -> None:

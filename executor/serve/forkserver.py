@@ -22,6 +22,7 @@ Signals (one table):
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import faulthandler  # noqa: F401 - every child registers it (watch.become_supervised): imported once, here
 import gc
@@ -103,6 +104,7 @@ class ForkServer:
         self.spares: list[Runner] = []
         self.zygote: Zygote | None = None  # forks the spares (executor.serve.zygote)
         self.awaiting: list[Job] = []  # isolated jobs waiting for the zygote's next spare
+        self._inbox: collections.deque[dict] = collections.deque()  # the server's messages, not yet handled
         self.template = None  # the last invocation launched: what a spare rehearses
         self.warm = False
         self.bundle_root: str | None = None
@@ -124,30 +126,16 @@ class ForkServer:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.set_wakeup_fd(self.wake_w)
         isolation.become_subreaper()
-        self._handle(self.channel.buffered())  # what arrived with the configuration
+        self._inbox.extend(self.channel.buffered())  # what arrived with the configuration
+        self._handle()
+        # Each step is a method of its own, so that no local of this frame holds an invocation when a
+        # child is forked: a child inherits this stack, and a task could walk up to it (frame.f_back).
         while not (self.exiting and not self.jobs):
             now = time.monotonic()
-            for job in list(self.jobs.values()):
-                self._tick(job, now)
-            self._close_drained(now)
+            self._tick_all(now)
             if self.exiting and not self.jobs:
                 break
-            owners = self._fd_owners()
-            readable = watch.wait_readable(list(owners), self._timeout(now))
-            from_server = False
-            for fd in readable:
-                owner = owners[fd]
-                if owner == "channel":
-                    from_server = True  # read last, below
-                elif owner == "wake":
-                    self._drain_wakeups()
-                elif owner == "zygote":
-                    self._read_zygote()
-                else:
-                    self._on_proc_readable(owner, fd)
-            if from_server:
-                self._finish_reported()
-                self._read_channel()
+            self._wait_and_dispatch(now)
             self._reap()
             self._refill_spares()
             self._refill_roots()
@@ -158,12 +146,37 @@ class ForkServer:
         for spare in self._spare_roots:
             shutil.rmtree(spare, ignore_errors=True)
 
+    def _tick_all(self, now: float) -> None:
+        for job_id in list(self.jobs):  # by id: a list of jobs would sit on the stack of a retry's fork
+            if (job := self.jobs.get(job_id)) is not None:
+                self._tick(job, now)
+        self._close_drained(now)
+
+    def _wait_and_dispatch(self, now: float) -> None:
+        owners = self._fd_owners()
+        readable = watch.wait_readable(list(owners), self._timeout(now))
+        from_server = False
+        for fd in readable:
+            owner = owners[fd]
+            if owner == "channel":
+                from_server = True  # read last, below
+            elif owner == "wake":
+                self._drain_wakeups()
+            elif owner == "zygote":
+                self._read_zygote()
+            else:
+                self._on_proc_readable(owner, fd)
+        if from_server:
+            self._finish_reported()
+            self._read_channel()
+
     def _finish_reported(self) -> None:
         """Attempts whose report came in with the server's message: finished first, so that a runner
         that reported straight to the server is free for the invocation the server sent next."""
         now = time.monotonic()
-        for job in list(self.jobs.values()):
-            if job.attempt is not None and job.attempt.finished(now):
+        for job_id in list(self.jobs):
+            job = self.jobs.get(job_id)
+            if job is not None and job.attempt is not None and job.attempt.finished(now):
                 self._tick(job, now)
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -180,7 +193,7 @@ class ForkServer:
             job = self.busy.get(pid)
             if job is not None:
                 for fd in job.attempt.fds():
-                    owners[fd] = (proc, job)
+                    owners[fd] = (proc, job.id)  # by id: what forks while these are read never sees the job
             elif proc.relay:
                 for fd in proc.relay.fds():
                     owners[fd] = (proc, None)
@@ -197,14 +210,17 @@ class ForkServer:
 
     def _read_channel(self) -> None:
         try:
-            messages = self.channel.pump()
+            self._inbox.extend(self.channel.pump())
         except Closed:
             self._lose_server()
             return
-        self._handle(messages)
+        self._handle()
 
-    def _handle(self, messages: list[dict]) -> None:
-        for message in messages:
+    def _handle(self) -> None:
+        """The server's messages, one at a time off the inbox (a child forked for one of them is not
+        handed the others, env and all, in a local of this frame)."""
+        while self._inbox:
+            message = self._inbox.popleft()
             op = message["op"]
             if op == "run":
                 self._start(message)
@@ -248,7 +264,8 @@ class ForkServer:
     # --- children --------------------------------------------------------------------------------
 
     def _on_proc_readable(self, owner, fd: int) -> None:
-        proc, job = owner
+        proc, job_id = owner
+        job = self.jobs.get(job_id) if job_id is not None else None
         if job is not None and job.attempt is not None:
             job.attempt.on_readable(fd, time.monotonic())
         elif fd == proc.report_r:
@@ -305,9 +322,8 @@ class ForkServer:
         for pid, proc in list(self.procs.items()):
             if not proc.exited and not _exists(pid):
                 self._on_exit(pid, watch.LOST, None)
-        awaiting, self.awaiting = self.awaiting, []
-        for job in awaiting:  # forked here instead
-            self._launch_awaiting(job)
+        while self.awaiting:  # forked here instead (the zygote being gone, none is queued again)
+            self._launch_awaiting(self.awaiting.pop(0))
 
     def _close_drained(self, now: float) -> None:
         """Children that are gone and run nothing now: their last output relayed, their pipes closed."""
@@ -629,13 +645,18 @@ class ForkServer:
         return [fd for fd in set(fds) if fd >= 0]
 
     def _forget_everything_but(self, job: Job | None) -> None:
-        """In a new child: drop every reference to other invocations (their env, their secrets)."""
+        """In a new child: drop every reference to other invocations (their env, their secrets). The
+        fork server's stack, which the child inherits, holds none either (see serve)."""
         self.jobs = {job.id: job} if job is not None else {}
         self.procs = {}
         self.busy = {}
         self.runners = {}
         self.spares = []
+        self.awaiting = []
+        self.template = None
+        self._inbox = collections.deque()
         self._redaction_refs = {}
+        self.channel.discard_buffers()
 
     def _add_redactions(self, values: list[str]) -> None:
         for value in values:

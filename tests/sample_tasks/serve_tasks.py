@@ -188,3 +188,52 @@ def forge_results(x: int) -> int:
                          json.dumps({"id": os.environ["VICTIM"], "token": "0" * 16, "result": []}).encode()):
                 sock.send(junk)
     return found + x
+
+
+def find_marker(head: str, tail: str) -> dict:
+    """Where this process holds a string (or bytes) containing head + tail: every object reachable
+    from the modules, from each thread's frames (their locals, up the whole stack this process
+    inherited), and every object the collector tracks; each with the way to it. Another
+    invocation's env and secrets must be nowhere."""
+    import gc
+    import types
+
+    marker = head + tail
+    encoded = marker.encode()
+    roots: list = [sys.modules, gc.get_objects()]
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            roots.append(frame)
+            frame = frame.f_back
+    found, parent, keep = [], {id(r): None for r in roots}, list(roots)
+    stack = list(roots)
+
+    def way(obj) -> str:
+        steps = []
+        while obj is not None and len(steps) < 12:
+            name = obj.f_code.co_name if isinstance(obj, types.FrameType) else ""
+            steps.append(f"{type(obj).__name__}{' ' + name if name else ''}")
+            obj = parent.get(id(obj))
+        return " <- ".join(steps)
+
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, str):
+            if marker in obj and obj is not marker:
+                found.append(way(obj))
+            continue
+        if isinstance(obj, (bytes, bytearray, memoryview)):
+            if encoded in bytes(obj):
+                found.append(way(obj))
+            continue
+        referents = gc.get_referents(obj)
+        if isinstance(obj, types.FrameType):  # an executing frame's locals are not among its referents
+            if obj.f_code.co_name == "find_marker":
+                continue
+            referents.append(obj.f_locals)
+        for ref in referents:
+            if id(ref) not in parent:
+                parent[id(ref)] = obj
+                keep.append(ref)  # alive until the end: an id is never reused during the walk
+                stack.append(ref)
+    return {"found": found}
