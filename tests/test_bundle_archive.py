@@ -302,3 +302,87 @@ def test_bomb_refusal_stops_the_decompressing_thread(tmp_path):
     with pytest.raises(UnsafeBundle, match="compression ratio"):
         archive.extract(path, str(dest))
     assert _our_threads() == []
+
+
+# --- caps and containment that links or directories could get around ------------------------------
+
+
+@pytest.mark.parametrize("limits, fragment", [
+    (Limits(max_total_bytes=2 << 20, max_ratio=float("inf")), "expands past"),
+    (Limits(), "compression ratio"),
+])
+def test_hard_link_copies_count_toward_the_caps(tmp_path, limits, fragment):
+    # each hard link is written out as a copy: 50 of them to 1 MiB would be 51 MiB from a ~2 KiB archive
+    path = _malicious(tmp_path, (_info("big"), b"\0" * (1 << 20)),
+                      *[(_info(f"h{i}", tarfile.LNKTYPE, "big"), None) for i in range(50)])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UnsafeBundle, match=fragment) as info:
+        archive.extract(path, str(dest), limits)
+    assert info.value.member in ("h0", "h1")
+    assert len(os.listdir(dest)) <= 2
+
+
+def test_directories_count_toward_the_file_cap(tmp_path):
+    path = _malicious(tmp_path, *[(_info(f"d{i}", tarfile.DIRTYPE, mode=0o755), None) for i in range(20)])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UnsafeBundle, match="more than 10 files") as info:
+        archive.extract(path, str(dest), Limits(max_files=10))
+    assert info.value.member == "d10" and len(os.listdir(dest)) == 10
+
+
+@pytest.mark.parametrize("member", [(_info("a/newdir/f.py"), b"x"), (_info("a/newdir/sub", tarfile.DIRTYPE, mode=0o755), None)])
+def test_nothing_is_created_outside_through_a_link_a_later_member_redirects(tmp_path, member):
+    # 'a' -> 'b/b/../../victim' stays inside while 'b' does not exist; once 'b' -> '.', it is tmp_path/victim
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    path = _malicious(tmp_path, (_info("a", tarfile.SYMTYPE, "b/b/../../victim"), None),
+                      (_info("b", tarfile.SYMTYPE, "."), None), member)
+    dest = tmp_path / "stage" / "dest"
+    dest.mkdir(parents=True)
+    with pytest.raises(UnsafeBundle):
+        archive.extract(path, str(dest))
+    assert os.listdir(victim) == []
+
+
+@pytest.mark.parametrize("variable, value, default", [
+    ("EXECUTOR_BUNDLE_MAX_BYTES", "10", 4 << 30),
+    ("EXECUTOR_BUNDLE_MAX_FILES", "2", 200_000),
+    ("EXECUTOR_BUNDLE_MAX_RATIO", "1.5", 200.0),
+])
+def test_caps_are_read_from_the_environment(tmp_path, monkeypatch, variable, value, default):
+    attribute = {"EXECUTOR_BUNDLE_MAX_BYTES": "max_total_bytes", "EXECUTOR_BUNDLE_MAX_FILES": "max_files",
+                 "EXECUTOR_BUNDLE_MAX_RATIO": "max_ratio"}[variable]
+    monkeypatch.setenv(variable, "")
+    assert getattr(Limits.from_env(), attribute) == default
+    # 1 MiB that does not compress and 1 MiB that does: a ratio of about 2, in three files
+    path = _malicious(tmp_path, (_info("a.bin"), os.urandom(1 << 20)), (_info("b.bin"), b"\0" * (1 << 20)), (_info("c.py"), b""))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    archive.extract(path, str(dest))  # the defaults let it through
+    monkeypatch.setenv(variable, value)
+    assert getattr(Limits.from_env(), attribute) == float(value)
+    dest = tmp_path / "dest2"
+    dest.mkdir()
+    with pytest.raises(UnsafeBundle, match=variable):
+        archive.extract(path, str(dest))
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("EXECUTOR_BUNDLE_MAX_FILES", "lots"),
+    ("EXECUTOR_BUNDLE_MAX_BYTES", "4.5e9"),
+    ("EXECUTOR_BUNDLE_MAX_BYTES", "-1"),
+    ("EXECUTOR_BUNDLE_MAX_RATIO", "nan"),
+])
+def test_bad_cap_setting_is_reported_as_a_setting(tmp_path, monkeypatch, variable, value):
+    from executor.errors import TaskFailure
+
+    monkeypatch.setenv(variable, value)
+    path = _malicious(tmp_path, (_info("a.py"), b"a = 1\n"))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(TaskFailure) as info:  # not "not a readable tar.gz" (a ValueError)
+        archive.extract(path, str(dest))
+    assert info.value.code == "TEMPLATE_INVALID" and f"{variable}={value!r}" in info.value.message
+    assert os.listdir(dest) == []

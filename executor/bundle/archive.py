@@ -36,11 +36,27 @@ class Limits:
 
     @classmethod
     def from_env(cls) -> "Limits":
-        env, default = os.environ, cls()
+        def read(name: str, default, parse):
+            raw = os.environ.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = parse(raw)
+            except ValueError:
+                value = None
+            if value is None or not value > 0:  # `not >`: also refuses nan
+                # A setting, not the bundle: reported as such (a ValueError would read as a damaged archive).
+                from executor.errors import TaskFailure
+
+                kind = "whole number" if parse is int else "number"
+                raise TaskFailure("TEMPLATE_INVALID", f"{name}={raw!r} is invalid: it must be a {kind} above 0")
+            return value
+
+        default = cls()
         return cls(
-            max_total_bytes=int(env.get("EXECUTOR_BUNDLE_MAX_BYTES", default.max_total_bytes)),
-            max_files=int(env.get("EXECUTOR_BUNDLE_MAX_FILES", default.max_files)),
-            max_ratio=float(env.get("EXECUTOR_BUNDLE_MAX_RATIO", default.max_ratio)),
+            max_total_bytes=read("EXECUTOR_BUNDLE_MAX_BYTES", default.max_total_bytes, int),
+            max_files=read("EXECUTOR_BUNDLE_MAX_FILES", default.max_files, int),
+            max_ratio=read("EXECUTOR_BUNDLE_MAX_RATIO", default.max_ratio, float),
         )
 
 
@@ -126,7 +142,7 @@ class Extracted:
 
     def __init__(self, files: list[str], total_bytes: int, content_digest: str | None, archive_md5: str | None):
         self.files = files  # relative paths of the regular files and links, sorted as the digest wants them
-        self.total_bytes = total_bytes
+        self.total_bytes = total_bytes  # hard-link copies included
         self.content_digest = content_digest  # computed while extracting, when the archive allows it (see extract)
         self.archive_md5 = archive_md5  # with hash_archive=True
 
@@ -155,6 +171,7 @@ def extract(archive_path, dest: str, limits: Limits | None = None, hash_archive:
     compressed = max(os.path.getsize(archive_path) if isinstance(archive_path, str) else archive_path.size(), 1)
     root_real = os.path.realpath(dest)
     total = 0
+    members = 0  # every member counts toward max_files, directories too: each creates something
     files: list[str] = []
     links: list[str] = []
     made_dirs = {dest}
@@ -179,21 +196,26 @@ def extract(archive_path, dest: str, limits: Limits | None = None, hash_archive:
                     raise UnsafeBundle(member.name, "sparse file")
                 if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
                     raise UnsafeBundle(member.name, f"unsupported member type {chr(member.type)!r}")
+                members += 1
+                if members > limits.max_files:
+                    raise UnsafeBundle(member.name, f"more than {limits.max_files} files and directories (EXECUTOR_BUNDLE_MAX_FILES)")
+                # Until a symlink exists in the staging tree, lexically clean paths cannot leave it. After,
+                # check where a path really leads before makedirs, which would follow a link outside
+                # (realpath resolves the part that exists; the rest, free of '..', cannot climb out).
                 parent = os.path.dirname(target)
+                if links and not _inside(root_real, parent):
+                    raise UnsafeBundle(member.name, "its directory leads outside the bundle through a symlink")
                 if parent not in made_dirs:
                     os.makedirs(parent, exist_ok=True)
                     made_dirs.add(parent)
-                # Until a symlink exists in the staging tree, lexically clean paths cannot leave it.
-                if links and not _inside(root_real, parent):
-                    raise UnsafeBundle(member.name, "its directory leads outside the bundle through a symlink")
                 if member.isdir():
                     if target not in made_dirs:
+                        if links and not _inside(root_real, target):
+                            raise UnsafeBundle(member.name, "leads outside the bundle through a symlink")
                         os.makedirs(target, exist_ok=True)
                         made_dirs.add(target)
                     continue
                 files.append(rel)
-                if len(files) > limits.max_files:
-                    raise UnsafeBundle(member.name, f"more than {limits.max_files} files (EXECUTOR_BUNDLE_MAX_FILES)")
                 if member.issym():
                     streaming = False
                     if os.path.isabs(member.linkname):
@@ -215,15 +237,14 @@ def extract(archive_path, dest: str, limits: Limits | None = None, hash_archive:
                         raise UnsafeBundle(member.name, f"hard link to {member.linkname!r}, which is not a file of the bundle")
                     if os.path.lexists(target):
                         raise UnsafeBundle(member.name, "appears twice in the archive")
+                    total += os.path.getsize(source)  # written out as a copy: its bytes count like a file's
+                    _check_size(member.name, total, compressed, limits)
                     import shutil  # hard links only: shutil pulls in bz2 and lzma
 
                     shutil.copyfile(source, target)
                     continue
                 total += member.size
-                if total > limits.max_total_bytes:
-                    raise UnsafeBundle(member.name, f"bundle expands past {limits.max_total_bytes} bytes (EXECUTOR_BUNDLE_MAX_BYTES)")
-                if total / compressed > limits.max_ratio and total > (1 << 20):
-                    raise UnsafeBundle(member.name, f"compression ratio above {limits.max_ratio:g} (EXECUTOR_BUNDLE_MAX_RATIO): a decompression bomb?")
+                _check_size(member.name, total, compressed, limits)
                 key = target  # flytekit sorts absolute paths; same prefix, so this orders like the digest
                 if streaming and key <= previous_key:
                     streaming = False
@@ -246,6 +267,13 @@ def extract(archive_path, dest: str, limits: Limits | None = None, hash_archive:
             raise UnsafeBundle(os.path.relpath(link, dest), "symlink points outside the bundle")
     files.sort(key=lambda rel: os.path.join(dest, rel))
     return Extracted(files, total, digest, archive_hasher.hexdigest() if archive_hasher is not None else None)
+
+
+def _check_size(name: str, total: int, compressed: int, limits: Limits) -> None:
+    if total > limits.max_total_bytes:
+        raise UnsafeBundle(name, f"bundle expands past {limits.max_total_bytes} bytes (EXECUTOR_BUNDLE_MAX_BYTES)")
+    if total / compressed > limits.max_ratio and total > (1 << 20):
+        raise UnsafeBundle(name, f"compression ratio above {limits.max_ratio:g} (EXECUTOR_BUNDLE_MAX_RATIO): a decompression bomb?")
 
 
 # Smaller archives are extracted in the calling thread alone: starting threads and handing data
