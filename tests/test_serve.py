@@ -592,6 +592,27 @@ def test_one_warm_pool_per_bundle_least_recently_used_retired(server, tmp_path):
     assert s.metric("executor_serve_pools") == 1
 
 
+def test_a_new_pool_is_kept_while_every_older_one_is_busy(server, tmp_path):
+    # Above --max-pools with the only other pool busy: nothing can be retired yet, least of all the
+    # pool just made for the invocation at hand; it serves the next ones warm. Once the busy pool is
+    # idle, it is the one retired.
+    one = _bundle(tmp_path, "one", 100)
+    cache = {"EXECUTOR_CACHE_DIR": str(tmp_path / "cache")}
+    s = server("--max-pools", "1", "--concurrency", "3", env=cache)
+    busy = invocation(tmp_path, "busy", "sleepy", {"seconds": 4.0}, env=scratch_env(tmp_path, "busy"))
+    assert s.post(busy)[0] == 202
+    wait_for(lambda: (tmp_path / "scratch-busy" / "started").exists(), what="the busy pool's task to start")
+    pools = {s.run(_fast(tmp_path, f"one-{i}", one, i, env=cache))["pool"] for i in range(3)}
+    assert [output_value(tmp_path, f"one-{i}") for i in range(3)] == [100, 101, 102] and len(pools) == 1
+    assert s.metric("executor_serve_pool_requests_total", result="miss") == 2  # the busy pool's, then this one's
+    assert s.metric("executor_serve_pool_requests_total", result="hit") == 2
+    assert s.metric("executor_serve_worker_recycles_total", reason="lru") == 0
+    assert s.wait_done("busy")["result"]["outcome"] == "success"
+    wait_for(lambda: s.metric("executor_serve_worker_recycles_total", reason="lru") == 1, what="the idle pool retired")
+    assert s.run(_fast(tmp_path, "one-3", one, 3, env=cache))["pool"] in pools
+    assert s.metric("executor_serve_pool_requests_total", result="hit") == 3
+
+
 def test_workers_are_replaced_after_k_invocations(server, tmp_path):
     s = server("--max-invocations-per-worker", "3", "--concurrency", "1")
     pools = set()

@@ -4,7 +4,7 @@ Workers are replaced rather than repaired (as gunicorn's): one that has taken
 --max-invocations-per-worker invocations, or whose memory is above --max-worker-rss-mib, is retired
 (it takes no new work and exits once its last invocation is done) and the pool's next invocation
 starts a fresh one. At most --max-pools pools stay warm; the least recently used idle one is retired
-first, and a busy one never is.
+first; a busy one never is, nor the one used last (while every older pool is busy, the limit waits).
 """
 from __future__ import annotations
 
@@ -184,7 +184,10 @@ class Pools:
 
     def _evict(self) -> None:
         while len(self.current) > self.settings.max_pools:
-            idle = next((w for w in self.current.values() if not w.in_flight), None)
+            # Never the pool used last: it is about to get (or just ran) an invocation, and retiring it
+            # while an older pool is busy would make each of its invocations start a fresh worker.
+            *older, _ = self.current.values()
+            idle = next((w for w in older if not w.in_flight), None)
             if idle is None:
                 return  # every pool is busy: the limit is a target, not a reason to stop work
             logs.info("retiring the least recently used warm pool", pool=idle.key, pid=idle.pid)
