@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import io
 import json
+import contextlib
 import os
+import shutil
+import subprocess
+import sys
 import tarfile
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +151,153 @@ def test_archive_md5_covers_bytes_after_the_tar_end_that_extraction_leaves_unrea
     extracted = archive.extract(str(path), str(dest), hash_archive=True)
     assert (dest / "a.py").read_bytes() == b"a = 1\n"
     assert extracted.archive_md5 == _md5(path)
+
+
+# --- what is shared: verification on hits, entries in use, eviction --------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_HOLDER = """
+import sys
+from executor.bundle.cache import BundleCache, BundleRef
+prepared = BundleCache(sys.argv[1], max_bytes=int(sys.argv[3])).ensure(BundleRef(sys.argv[2]))
+print(prepared.key, flush=True)
+sys.stdin.read()  # holds the entry in use until the test closes stdin
+"""
+
+
+@contextlib.contextmanager
+def _held_by_another_process(root, bundle: str, max_bytes: int = 10 << 30):
+    """Another pod on the node: it ensures the bundle, then runs from it until the block ends. Yields its key."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(root), bundle, str(max_bytes)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        key = proc.stdout.readline().strip()
+        assert key, f"the holder failed (exit {proc.poll()})"
+        yield key
+    finally:
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+
+
+def _complete(root) -> list[str]:
+    return sorted(n[: -len(".complete")] for n in os.listdir(root / "entries") if n.endswith(".complete"))
+
+
+def _as_published_unverified(root, key) -> None:
+    """What an older executor under EXECUTOR_BUNDLE_VERIFY=off left: another archive's files, nothing verified."""
+    mod = root / "entries" / key / "pkg0" / "mod0.py"
+    os.chmod(mod, 0o644)
+    mod.write_bytes(b"x = 666\n")
+    marker_path = root / "entries" / f"{key}.complete"
+    marker_path.write_text(json.dumps({**json.loads(marker_path.read_text()), "verified": []}))
+
+
+def test_policy_off_never_publishes_where_verified_readers_look(tmp_path):
+    good = _bundle(tmp_path / "good", {"wf/tasks.py": b"x = 1\n"})
+    os.replace(_bundle(tmp_path / "evil", {"wf/tasks.py": b"x = 666\n"}), good)  # good's name, other files
+    root = tmp_path / "cache"
+    off = BundleCache(str(root)).ensure(BundleRef(good, policy="off"))
+    assert (Path(off.root) / "wf" / "tasks.py").read_bytes() == b"x = 666\n" and off.verified == []
+    assert off.key != BundleRef(good).name_digest
+    assert BundleCache(str(root)).ensure(BundleRef(good, policy="off")).hit  # shared by off pods
+    for policy in ("auto", "strict"):
+        with pytest.raises(TaskFailure) as failure:
+            BundleCache(str(root)).ensure(BundleRef(good, policy=policy))
+        assert failure.value.code == "BUNDLE_INTEGRITY" and "name says" in str(failure.value)
+
+
+def test_entry_whose_marker_records_nothing_verified_is_rebuilt_under_strict(tmp_path):
+    bundle = _bundle(tmp_path, FILES)
+    root = tmp_path / "cache"
+    key = BundleCache(str(root)).ensure(BundleRef(bundle)).key
+    _as_published_unverified(root, key)
+    rebuilt = BundleCache(str(root)).ensure(BundleRef(bundle, policy="strict"))
+    assert not rebuilt.hit and rebuilt.verified == ["name digest"]
+    assert (root / "entries" / key / "pkg0" / "mod0.py").read_bytes() == FILES["pkg0/mod0.py"]
+    assert BundleCache(str(root)).ensure(BundleRef(bundle, policy="strict")).hit
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["md5-recorded", "md5-not-recorded"])
+def test_archive_md5_from_the_environment_is_checked_on_a_hit(tmp_path, monkeypatch, recorded):
+    from executor.bundle import inject
+
+    path = _bundle(tmp_path, FILES)
+    monkeypatch.setenv("EXECUTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    # Without an md5 to check, a local archive is not hashed: the marker records none.
+    first = inject.inject(path, None, archive_md5=_md5(path) if recorded else None)
+    assert not first.hit
+    monkeypatch.setenv("EXECUTOR_BUNDLE_MD5", "0" * 32)
+    with pytest.raises(TaskFailure) as failure:
+        inject.inject(path, None)
+    assert failure.value.code == "BUNDLE_INTEGRITY"
+    assert f"archive md5 is {_md5(path)}, expected {'0' * 32}" in str(failure.value)
+    monkeypatch.setenv("EXECUTOR_BUNDLE_MD5", _md5(path))
+    again = inject.inject(path, None)
+    assert again.hit and "given archive md5" in again.verified
+
+
+def test_bundle_without_a_key_hits_its_entry_in_use_instead_of_rebuilding_it(tmp_path):
+    plain = tmp_path / "code.tar.gz"
+    shutil.copy(_bundle(tmp_path, FILES), plain)
+    root = tmp_path / "cache"
+    with _held_by_another_process(root, str(plain)) as key:
+        mod = root / "entries" / key / "pkg0" / "mod0.py"
+        inode = mod.stat().st_ino
+        again = BundleCache(str(root)).ensure(BundleRef(str(plain)))
+        assert again.hit and again.key == key and mod.stat().st_ino == inode
+
+
+def test_entry_in_use_is_never_removed_to_rebuild_it(tmp_path):
+    bundle = _bundle(tmp_path, FILES)
+    root = tmp_path / "cache"
+    with _held_by_another_process(root, bundle) as key:
+        _as_published_unverified(root, key)
+        mod = root / "entries" / key / "pkg0" / "mod0.py"
+        inode = mod.stat().st_ino
+        with pytest.raises(TaskFailure) as failure:
+            BundleCache(str(root)).ensure(BundleRef(bundle, policy="strict"))
+        assert failure.value.code == "BUNDLE_INTEGRITY" and "another process runs from it" in str(failure.value)
+        assert mod.stat().st_ino == inode and mod.read_bytes() == b"x = 666\n"
+    rebuilt = BundleCache(str(root)).ensure(BundleRef(bundle, policy="strict"))  # now that nobody runs from it
+    assert not rebuilt.hit and mod.read_bytes() == FILES["pkg0/mod0.py"]
+
+
+def test_a_process_that_only_looked_at_a_partial_entry_does_not_stop_its_rebuild(tmp_path):
+    # A killed process left an entry without its marker; another process holds the entry's in-use
+    # lock for a moment (as every process does while it checks for a hit). The rebuild waits for it.
+    bundle = _bundle(tmp_path, FILES)
+    root = tmp_path / "cache"
+    ensure = [sys.executable, "-c", "import sys; from executor.bundle.cache import BundleCache, BundleRef; "
+              "p = BundleCache(sys.argv[1]).ensure(BundleRef(sys.argv[2])); print(p.key, p.hit)", str(root), bundle]
+    key = subprocess.run(ensure, capture_output=True, text=True, cwd=REPO, timeout=60, check=True).stdout.split()[0]
+    (root / "entries" / f"{key}.complete").unlink()
+    looker = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+         "fcntl.flock(fd, fcntl.LOCK_SH); print('held', flush=True); time.sleep(0.5)",
+         str(root / "entries" / f"{key}.inuse")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert looker.stdout.readline().strip() == "held"
+        rebuilt = subprocess.run(ensure, capture_output=True, text=True, cwd=REPO, timeout=60)
+    finally:
+        looker.wait(timeout=30)
+    assert rebuilt.returncode == 0 and rebuilt.stdout.split() == [key, "False"], rebuilt.stderr
+    assert _complete(root) == [key] and (root / "entries" / key / "pkg0" / "mod0.py").read_bytes() == FILES["pkg0/mod0.py"]
+
+
+def test_lru_eviction_by_total_size_skips_entries_in_use(tmp_path):
+    b0, b1, b2, b3 = (_bundle(tmp_path / str(i), {"pkg/mod.py": f"x = {i}\n".encode() * 1000}) for i in range(4))
+    root = tmp_path / "cache"
+    room_for_two = 2 * 6000 + 3000  # each entry holds 6000 bytes
+
+    def run(bundle) -> str:  # a pod that runs from the bundle, then exits
+        with _held_by_another_process(root, bundle, room_for_two) as key:
+            return key
+
+    with _held_by_another_process(root, b0, room_for_two) as k0:
+        k1 = run(b1)
+        assert _complete(root) == sorted([k0, k1])
+        k2 = run(b2)  # over the limit: the oldest entry is in use, the next oldest goes
+        assert _complete(root) == sorted([k0, k2]) and not (root / "entries" / k1).exists()
+    k3 = run(b3)  # nobody runs from k0 any more, and it is the least recently used
+    assert _complete(root) == sorted([k2, k3]) and not (root / "entries" / k0).exists()

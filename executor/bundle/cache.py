@@ -7,8 +7,12 @@ Layout under EXECUTOR_CACHE_DIR:
     locks/<key>.lock          exclusive while one process fetches and extracts <key>
     staging/, downloads/      work in progress; anything left there by a killed process is swept
 
-<key> is the content digest from the bundle's name (fast<md5>.tar.gz), else the archive's md5,
-so a hit costs a stat and a lock, never a download.
+<key> is the content digest from the bundle's name (fast<md5>.tar.gz), else the given archive md5,
+so a hit costs a stat and a lock, never a download; a bundle with neither is named a<archive md5>
+once it is downloaded. A hit gives what its marker records as verified: an entry that records
+nothing (published unverified by an older executor) is rebuilt, and a given archive md5 is
+checked against the one the marker records. Under EXECUTOR_BUNDLE_VERIFY=off nothing is verified,
+so <key> is off-<uri hash>-<key>: only `off` pods of the same uri ever read what they publish.
 
 Durability: nothing is fsynced. A marker names the boot it was written in
 (/proc/sys/kernel/random/boot_id) and is trusted only in that boot: within one boot every process
@@ -31,7 +35,8 @@ from executor.bundle.digest import digest_from_name
 from executor.errors import TaskFailure
 
 POLICIES = ("strict", "auto", "off")
-_held_fds: list[int] = []  # in-use locks, held for the life of the process
+PUBLISH_WAIT_S = 2.0  # for processes that merely looked at an unusable entry to let go of it
+_held: dict[str, int] = {}  # .inuse path -> fd, shared-locked for the life of the process
 
 
 @dataclass(frozen=True)
@@ -90,23 +95,42 @@ class BundleCache:
     # --- public ---------------------------------------------------------------------------
 
     def ensure(self, ref: BundleRef) -> Prepared:
-        key = ref.name_digest or ref.archive_md5
+        key = self._key(ref)
         if key:
-            hit = self._hit(key)
+            hit = self._hit(key, ref)
             if hit:
                 return hit
         with self._locked(key or "uri-" + _short_hash(ref.uri)):
             if key:
-                hit = self._hit(key)  # another process may have built it while we waited
+                hit = self._hit(key, ref)  # another process may have built it while we waited
                 if hit:
                     return hit
             return self._build(ref, key)
 
+    @staticmethod
+    def _key(ref: BundleRef, archive_md5: str | None = None) -> str | None:
+        key = ref.name_digest or ref.archive_md5 or (archive_md5 and f"a{archive_md5}")
+        if key and ref.policy == "off":
+            # Nothing was checked against the key: a namespace that verifying readers never look in,
+            # shared only with off pods of this uri (which would take whatever it holds anyway).
+            key = f"off-{_short_hash(ref.uri)[:16]}-{key}"
+        return key
+
     # --- hits -------------------------------------------------------------------------------
 
-    def _hit(self, key: str) -> Prepared | None:
+    def _hit(self, key: str, ref: BundleRef | None = None) -> Prepared | None:
+        """ref: what the entry must satisfy. None: the caller verified the archive whose md5 names the entry."""
+        newly_held = self._mark_in_use(key)  # before reading the marker: eviction cannot take what we find
+        hit = None
+        try:
+            hit = self._complete_entry(key, ref)
+        finally:
+            if hit is None and newly_held:
+                self._release(key)  # a miss holds nothing: whoever rebuilds it may have to replace it
+        return hit
+
+    def _complete_entry(self, key: str, ref: BundleRef | None) -> Prepared | None:
         entry = self._entry(key)
-        self._mark_in_use(key)
         try:
             with open(entry + ".complete") as f:
                 marker = json.load(f)
@@ -117,16 +141,37 @@ class BundleCache:
             return None  # written before a reboot: its data may never have reached the disk
         if not os.path.isdir(entry):
             return None
+        verified = list(marker.get("verified", []))
+        if ref is not None and ref.policy != "off":
+            if not verified:
+                return None  # published unverified (an older executor under off): rebuilt, and verified
+            if ref.archive_md5:
+                # Downloads always record the archive md5; a local archive checked by nothing was not hashed.
+                archive_md5 = marker.get("archive_md5") or _local_md5(ref)
+                if archive_md5 is None:
+                    return None
+                checked, _ = self._verify_archive(ref, archive_md5, None)  # a mismatch fails as on a miss
+                verified += [v for v in checked if v not in verified]
         try:
             os.utime(entry + ".complete")  # LRU clock
         except OSError:
             pass
-        return Prepared(entry, key, hit=True, verified=list(marker.get("verified", [])))
+        return Prepared(entry, key, hit=True, verified=verified)
 
-    def _mark_in_use(self, key: str) -> None:
-        fd = os.open(self._entry(key) + ".inuse", os.O_RDWR | os.O_CREAT, 0o666)
+    def _mark_in_use(self, key: str) -> bool:
+        """Shared-locks the entry's .inuse for the life of the process; False if it already was."""
+        path = self._entry(key) + ".inuse"
+        if path in _held:
+            return False
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         fcntl.flock(fd, fcntl.LOCK_SH)
-        _held_fds.append(fd)
+        _held[path] = fd
+        return True
+
+    def _release(self, key: str) -> None:
+        fd = _held.pop(self._entry(key) + ".inuse", None)
+        if fd is not None:
+            os.close(fd)  # a forked child's copy of the fd keeps its hold
 
     # --- misses -----------------------------------------------------------------------------
 
@@ -243,7 +288,15 @@ class BundleCache:
             if ref.policy == "strict" and not verified:
                 raise TaskFailure("BUNDLE_INTEGRITY", f"code bundle {ref.uri}: nothing could be verified and the policy is strict",
                                   hint="give --bundle-md5, or use a fast<md5>.tar.gz name, or set EXECUTOR_BUNDLE_VERIFY=auto")
-            return self._publish(key or f"a{archive_md5}", staging, extracted, archive_md5, verified, unverified)
+            if key:
+                return self._publish(key, staging, extracted, archive_md5, verified, unverified)
+            # Named by the md5 just computed: another uri (or another run) may have published it, and be using it.
+            key = self._key(ref, archive_md5)
+            with self._locked(key):
+                hit = self._hit(key)
+                if hit:
+                    return Prepared(hit.root, key, hit=True, verified=verified, unverified=unverified)
+                return self._publish(key, staging, extracted, archive_md5, verified, unverified)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -281,16 +334,31 @@ class BundleCache:
 
     def _publish(self, key, staging, extracted, archive_md5, verified, unverified) -> Prepared:
         entry = self._entry(key)
-        if os.path.lexists(entry):  # a partial entry from a killed process
-            _make_writable(entry)
-            shutil.rmtree(entry, ignore_errors=True)
+        fd = os.open(entry + ".inuse", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            if os.path.lexists(entry):  # partial (a killed process), from another boot, or unverified
+                self._release(key)  # this process's own hold on what it replaces
+                # Processes that only looked at it (and found it unusable, as we did) let go at once.
+                if not _lock_unused(fd, wait_s=PUBLISH_WAIT_S):
+                    raise TaskFailure(
+                        "BUNDLE_INTEGRITY",
+                        f"the cached copy {entry} of the code bundle is incomplete or unverified, and it cannot be "
+                        "rebuilt while another process runs from it",
+                        hint="an unverified copy comes from an older executor under EXECUTOR_BUNDLE_VERIFY=off; "
+                             "it is rebuilt once no process runs from it",
+                    )
+                self._remove_entry(key)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # in use before it appears: eviction never takes it from us
+        except BaseException:
+            os.close(fd)
+            raise
+        _held[entry + ".inuse"] = fd
         os.rename(staging, entry)
         marker = {"key": key, "archive_md5": archive_md5, "files": len(extracted.files), "bytes": extracted.total_bytes,
                   "verified": verified, "created": time.time(), "boot": _boot_id()}
         if not marker["boot"]:
             os.sync()  # no boot id to scope the marker to: the data must be on disk before it
         self._replace(entry + ".complete", json.dumps(marker).encode())
-        self._mark_in_use(key)
         self._evict()
         return Prepared(entry, key, hit=False, verified=verified, unverified=unverified)
 
@@ -360,21 +428,26 @@ class BundleCache:
                 total -= size
 
     def _remove_unused(self, key: str) -> bool:
-        entry = self._entry(key)
-        fd = os.open(entry + ".inuse", os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(self._entry(key) + ".inuse", os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False  # some process is running from it
-        try:
-            os.unlink(entry + ".complete")
-            _make_writable(entry)
-            shutil.rmtree(entry, ignore_errors=True)
+            if not _lock_unused(fd) or not self._remove_entry(key):
+                return False  # in use, or evicted by another process meanwhile
             logs.info("evicted bundle from the cache", key=key)
             return True
         finally:
             os.close(fd)
+
+    def _remove_entry(self, key: str) -> bool:
+        """The marker first, then the tree (the caller holds .inuse exclusively); False if there was no marker."""
+        entry = self._entry(key)
+        try:
+            os.unlink(entry + ".complete")
+            had_marker = True
+        except FileNotFoundError:
+            had_marker = False
+        _make_writable(entry)
+        shutil.rmtree(entry, ignore_errors=True)
+        return had_marker
 
 
 _boot: list[str] = []
@@ -389,6 +462,28 @@ def _boot_id() -> str:
         except OSError:
             _boot.append("")
     return _boot[0]
+
+
+def _lock_unused(fd: int, wait_s: float = 0.0) -> bool:
+    """Exclusive lock on an entry's .inuse, unless some process is running from the entry (still,
+    after wait_s)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+
+
+def _local_md5(ref: BundleRef) -> str | None:
+    try:
+        path = storage.local_file(ref.uri)
+    except storage.StorageError:
+        return None
+    return _file_md5(path) if path else None
 
 
 def _file_md5(path: str) -> str:
