@@ -187,6 +187,24 @@ class ObstoreS3:
         meta = result.meta
         return _Reader(result.stream(min_chunk_size=1 << 20)), {"size": meta["size"], "ETag": meta.get("e_tag") or ""}
 
+    def encryption(self, path: str, timeout: float) -> dict:
+        """The object's server-side encryption, named as in s3fs's head_object. obstore's head and
+        get drop those headers, so this sends a HEAD of its own, presigned by obstore."""
+        import urllib.request
+        from datetime import timedelta
+
+        import obstore
+
+        store, key = self._store_and_key(path)
+        try:
+            url = obstore.sign(store, "HEAD", key, timedelta(minutes=5))
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as response:
+                headers = response.headers
+        except Exception:  # e.g. SSE-C, whose HEAD needs the key: unknown, so the ETag is not taken for the md5
+            return {"ServerSideEncryption": "unknown"}
+        return {"ServerSideEncryption": headers.get("x-amz-server-side-encryption"),
+                "SSECustomerAlgorithm": headers.get("x-amz-server-side-encryption-customer-algorithm")}
+
     def find(self, path: str) -> list[str]:
         import obstore
 

@@ -186,7 +186,7 @@ def download_hashed(uri: str, local_path: str, durable: bool = True, progress=No
     def attempt(timeout: float) -> tuple[str, str | None]:
         # Not _atomic_local_write: a network error mid-stream must reach the retry policy as itself.
         # obstore answers size and ETag with the body of one GET; s3fs and gcsfs need a HEAD first.
-        reader, info = fs.open_with_info(path) if hasattr(fs, "open_with_info") else (None, fs.info(path))
+        reader, info = fs.open_with_info(path) if hasattr(fs, "open_with_info") else (None, _object_info(fs, path))
         size = int(info.get("size") or 0)
         hasher = md5(size, threaded=size >= threshold)  # parallel ranges: other threads fetch while it hashes
         tmp, fd = _create_temp(local_path)
@@ -215,7 +215,11 @@ def download_hashed(uri: str, local_path: str, durable: bool = True, progress=No
                     os.fsync(out.fileno())
             os.replace(tmp, local_path)
             tmp = None
-            return hasher.hexdigest(), md5_from_info(info)
+            digest, stored = hasher.hexdigest(), md5_from_info(info)
+            if stored not in (None, digest) and hasattr(fs, "encryption"):
+                # obstore's GET does not say how the object is encrypted: asked only when it matters.
+                stored = md5_from_info({**info, **fs.encryption(path, timeout)})
+            return digest, stored
         finally:
             if tmp is not None:
                 _remove_quietly(tmp)
@@ -352,10 +356,24 @@ def _buffered_ranges(fs, path: str, size: int, part: int, out, hasher, grow=None
             submit()
 
 
+def _object_info(fs, path: str) -> dict:
+    """fs.info(path); from s3fs, with the encryption headers its info() leaves out (one HEAD either way)."""
+    if not hasattr(fs, "call_s3"):
+        return fs.info(path)
+    bucket, key, _ = fs.split_path(path)
+    head = fs.call_s3("head_object", fs.kwargs, Bucket=bucket, Key=key)
+    return {"size": head["ContentLength"], "ETag": head.get("ETag", ""),
+            "ServerSideEncryption": head.get("ServerSideEncryption"),
+            "SSECustomerAlgorithm": head.get("SSECustomerAlgorithm")}
+
+
 def md5_from_info(info: dict) -> str | None:
     """The md5 a store keeps for an object: S3 ETag of a single-part put, or GCS md5Hash."""
     etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
-    if len(etag) == 32 and "-" not in etag:
+    # AWS's ETag is the md5 only for an object stored in the clear or under SSE-S3 (AES256); under
+    # SSE-KMS (aws:kms, aws:kms:dsse) or SSE-C it is some other 32 hex digits.
+    in_the_clear = (info.get("ServerSideEncryption") or "AES256") == "AES256" and not info.get("SSECustomerAlgorithm")
+    if len(etag) == 32 and "-" not in etag and in_the_clear:
         return etag.lower()
     md5_b64 = info.get("md5Hash")
     if md5_b64:

@@ -596,6 +596,63 @@ def test_download_hashed_retries_a_truncated_range(s3_client, tmp_path, moto_s3,
     assert (tmp_path / "big.bin").read_bytes() == data
 
 
+# Under SSE-KMS AWS answers an ETag of 32 hex digits that is not the md5 (moto answers the md5):
+# the proxy rewrites it as AWS would, on every HEAD and GET of the object.
+NOT_THE_MD5 = '"0123456789abcdef0123456789abcdef"'
+
+
+@pytest.mark.parametrize("sse, trusted", [(None, True), ("AES256", True), ("aws:kms", False), ("aws:kms:dsse", False)])
+def test_bundle_etag_is_its_md5_only_without_kms(s3_client, sse, trusted, tmp_path, moto_s3, fault_proxy, monkeypatch):
+    import io
+    import tarfile
+
+    from executor.bundle.cache import BundleCache, BundleRef
+    from executor.errors import TaskFailure
+    from tests.rig.object_stores import set_headers
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("main.py")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"x=1\n"))
+    bucket = moto_s3.make_bucket()
+    moto_s3.client.put_object(Bucket=bucket, Key="bundle.tar.gz", Body=buf.getvalue(),
+                              **({"ServerSideEncryption": sse} if sse else {}))
+    proxy = fault_proxy(moto_s3.host, moto_s3.port)
+    proxy.rule = lambda r: set_headers(ETag=NOT_THE_MD5) if r.path.split("?")[0].endswith("/bundle.tar.gz") else None
+    for k, v in {**moto_s3.env, "FLYTE_AWS_ENDPOINT": proxy.endpoint}.items():
+        monkeypatch.setenv(k, v)
+
+    md5, stored = storage.download_hashed(f"s3://{bucket}/bundle.tar.gz", str(tmp_path / "b.tar.gz"))
+    assert stored == (NOT_THE_MD5.strip('"') if trusted else None) and md5 != NOT_THE_MD5.strip('"')
+    if s3_client == "obstore":  # its GET does not say; the HEAD it sends on a mismatch does
+        fs = storage._filesystem(f"s3://{bucket}/bundle.tar.gz")
+        assert fs.encryption(f"{bucket}/bundle.tar.gz", GENEROUS) == {"ServerSideEncryption": sse, "SSECustomerAlgorithm": None}
+    ref = BundleRef(f"s3://{bucket}/bundle.tar.gz", policy="auto")
+    if trusted:  # the ETag is the md5 here: a different one is a damaged download
+        with pytest.raises(TaskFailure, match="the store says") as failure:
+            BundleCache(str(tmp_path / "cache")).ensure(ref)
+        assert failure.value.code == "BUNDLE_INTEGRITY"
+    else:  # not checked, and said so
+        prepared = BundleCache(str(tmp_path / "cache")).ensure(ref)
+        assert "store md5" not in prepared.verified
+        assert any(u.startswith("store md5") for u in prepared.unverified)
+
+
+@pytest.mark.parametrize("head, trusted", [
+    ({}, True),
+    ({"ServerSideEncryption": "AES256"}, True),
+    ({"ServerSideEncryption": "aws:kms"}, False),
+    ({"ServerSideEncryption": "aws:kms:dsse"}, False),
+    ({"SSECustomerAlgorithm": "AES256"}, False),  # SSE-C (moto does not answer its headers)
+    ({"ServerSideEncryption": None, "SSECustomerAlgorithm": None}, True),  # s3fs's head, nothing encrypted
+])
+def test_md5_from_info_trusts_the_etag_only_in_the_clear_or_under_sse_s3(head, trusted):
+    etag = '"0123456789ABCDEF0123456789ABCDEF"'
+    assert storage.md5_from_info({"size": 1, "ETag": etag, **head}) == ("0123456789abcdef" * 2 if trusted else None)
+    assert storage.md5_from_info({"size": 1, "ETag": '"0123456789abcdef0123456789abcdef-2"', **head}) is None
+    assert storage.md5_from_info({"md5Hash": "ASNFZ4mrze8BI0VniavN7w=="}) == "0123456789abcdef" * 2  # GCS
+
 # --- obstore and fork() ------------------------------------------------------------------------
 # obstore's tokio runtime does not survive fork(): a child of a process that has used it hangs on
 # its first request. The supervisor and serve fork workers after using storage themselves.

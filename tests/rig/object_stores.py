@@ -181,11 +181,12 @@ def gcs_bucket(gcs_emulator, monkeypatch) -> str:
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # pass | status | drop | reset | delay | truncate | corrupt
+    kind: str  # pass | status | drop | reset | delay | truncate | corrupt | headers
     status: int = 0
     body: bytes = b""
     seconds: float = 0.0
     keep: float = 0.5  # truncate: fraction of the response body that gets through
+    headers: tuple[tuple[str, str], ...] = ()  # headers: set on the response, replacing any of that name
 
 
 def status(code: int, s3_code: str, message: str) -> Fault:
@@ -215,6 +216,12 @@ def truncate(keep: float = 0.5) -> Fault:
 
 
 CORRUPT = Fault("corrupt")  # the body arrives whole, with one byte in its middle flipped
+
+
+def set_headers(**headers: str) -> Fault:
+    """Pass the request, then answer with these headers set (underscores in names become dashes).
+    The request goes without If-Match, which may quote a rewritten ETag back (s3fs does)."""
+    return Fault("headers", headers=tuple((name.replace("_", "-"), value) for name, value in headers.items()))
 
 
 @dataclass
@@ -382,8 +389,12 @@ class FaultProxy:
             return
         if fault.kind == "delay" and self._stopped.wait(fault.seconds):
             return
+        if fault.kind == "headers":
+            headers = _without(headers, "if-match")
         response = self._forward(first_line, headers, body)
         status_line, response_headers = _parse_head(response.split(b"\r\n\r\n", 1)[0])
+        if fault.kind == "headers":
+            response_headers = _without(response_headers, *(k for k, _ in fault.headers)) + list(fault.headers)
         response_body = response.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in response else b""
         # One request per connection: tell the client so it does not reuse a closed socket.
         out_head = _build_head(status_line, _without(response_headers, "connection") + [("Connection", "close")])
