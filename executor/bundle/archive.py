@@ -11,9 +11,7 @@ import stat
 
 from executor.bundle.digest import ContentHasher, content_digest, list_files
 
-# flytekit's STANDARD_IGNORE_PATTERNS and the directories it never walks
-STANDARD_IGNORE = ("*.pyc", ".cache", ".cache/*", "__pycache__", "**/__pycache__")
-SKIP_DIRS = frozenset({".git"})
+SKIP_DIRS = frozenset({".git"})  # never walked, at any depth, as in flytekit
 FIXED_MTIME = 315532800.0  # 1980-01-01 UTC, as flytekit writes it
 
 
@@ -64,26 +62,6 @@ class Limits:
 # Building
 
 
-def _ignored(rel: str, patterns: list[str]) -> bool:
-    import fnmatch  # building only: extraction (a pod's cold start) does not pay for it
-
-    parts = rel.split(os.sep)
-    for pattern in patterns:
-        if fnmatch.fnmatch(rel, pattern) or any(fnmatch.fnmatch(p, pattern) for p in parts):
-            return True
-    return False
-
-
-def _ignore_patterns(source: str) -> list[str]:
-    patterns = list(STANDARD_IGNORE)
-    for name in (".flyteignore", ".dockerignore"):
-        path = os.path.join(source, name)
-        if os.path.exists(path):
-            with open(path) as f:
-                patterns += [line.strip() for line in f if line.strip() and not line.startswith("#")]
-    return patterns
-
-
 def _strip(info):  # a tarfile.TarInfo
     info.mtime = FIXED_MTIME
     info.uid = info.gid = 0
@@ -98,8 +76,10 @@ def build(source: str, out_dir: str) -> str:
     import shutil
     import tarfile  # building only: extraction reads headers with tarstream
 
-    patterns = _ignore_patterns(source)
-    files = [rel for rel in list_files(source, SKIP_DIRS) if not _ignored(rel, patterns)]
+    from executor.bundle.ignore import Ignores
+
+    ignored = Ignores(source)
+    files = [rel for rel in list_files(source, SKIP_DIRS) if not ignored(rel)]
     digest = content_digest(source, files)
     os.makedirs(out_dir, exist_ok=True)
     archive = os.path.join(out_dir, f"fast{digest}.tar.gz")
