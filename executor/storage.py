@@ -186,7 +186,11 @@ def download_hashed(uri: str, local_path: str, durable: bool = True, progress=No
     def attempt(timeout: float) -> tuple[str, str | None]:
         # Not _atomic_local_write: a network error mid-stream must reach the retry policy as itself.
         # obstore answers size and ETag with the body of one GET; s3fs and gcsfs need a HEAD first.
-        reader, info = fs.open_with_info(path) if hasattr(fs, "open_with_info") else (None, _object_info(fs, path))
+        # Their every call is bounded by what is left of this attempt (gcsfs retries 429/5xx itself,
+        # with backoff up to 16 s: unbounded, one call would outlast the whole deadline).
+        ends = time.monotonic() + timeout
+        left = lambda: max(0.001, ends - time.monotonic())  # noqa: E731
+        reader, info = fs.open_with_info(path) if hasattr(fs, "open_with_info") else (None, _object_info(fs, path, timeout))
         size = int(info.get("size") or 0)
         hasher = md5(size, threaded=size >= threshold)  # parallel ranges: other threads fetch while it hashes
         tmp, fd = _create_temp(local_path)
@@ -199,9 +203,11 @@ def download_hashed(uri: str, local_path: str, durable: bool = True, progress=No
                 if size >= threshold:
                     if reader is not None:
                         reader.close()  # big: fetched again as parallel ranges
-                    _ranged_copy(fs, path, size, part, out, hasher, grow)
+                    _ranged_copy(fs, path, size, part, out, hasher, grow, left)
+                elif reader is None:  # s3fs, gcsfs: 8 MiB GETs in turn (what their file objects would fetch)
+                    _buffered_ranges(fs, path, size, 8 << 20, out, hasher, grow, left, workers=1)
                 else:
-                    with reader or fs.open(path, "rb", block_size=8 << 20) as reader:
+                    with reader:
                         while chunk := reader.read(1 << 20):
                             hasher.update(chunk)
                             out.write(chunk)
@@ -247,12 +253,13 @@ class _Truncated(ConnectionError):
 _WORKERS = 4  # ranged GETs at a time
 
 
-def _ranged_copy(fs, path: str, size: int, part: int | None, out, hasher, grow=None) -> None:
-    """grow(n), if given, is told each time the first n bytes of the file are complete."""
+def _ranged_copy(fs, path: str, size: int, part: int | None, out, hasher, grow=None, left=None) -> None:
+    """grow(n), if given, is told each time the first n bytes of the file are complete; left(), the
+    seconds left to the attempt, bounds each of an fsspec filesystem's calls."""
     if hasattr(fs, "open_range"):
         _streamed_ranges(fs, path, size, part or -(-size // _WORKERS), out, hasher, grow)
     else:
-        _buffered_ranges(fs, path, size, part or 16 << 20, out, hasher, grow)
+        _buffered_ranges(fs, path, size, part or 16 << 20, out, hasher, grow, left)
 
 
 def _spans(size: int, part: int) -> list[tuple[int, int]]:
@@ -326,9 +333,11 @@ def _streamed_ranges(fs, path: str, size: int, part: int, out, hasher, grow=None
     out.seek(size)  # written through the fd: the caller checks the file object's size
 
 
-def _buffered_ranges(fs, path: str, size: int, part: int, out, hasher, grow=None, workers: int = _WORKERS) -> None:
+def _buffered_ranges(fs, path: str, size: int, part: int, out, hasher, grow=None, left=None,
+                     workers: int = _WORKERS) -> None:
     """Ranges fetched whole into memory (fsspec's cat_file), a bounded window of them, written and
     hashed in order."""
+    left = left or (lambda: None)
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
@@ -339,7 +348,8 @@ def _buffered_ranges(fs, path: str, size: int, part: int, out, hasher, grow=None
         def submit() -> None:
             span = next(ranges, None)
             if span is not None:
-                window.append((span, pool.submit(fs.cat_file, path, start=span[0], end=span[1])))
+                window.append((span, pool.submit(
+                    lambda: _call(fs, "cat_file", (path,), {"start": span[0], "end": span[1]}, left()))))
 
         for _ in range(workers * 2):  # a bounded window: at most 2 parts per worker in memory
             submit()
@@ -356,12 +366,12 @@ def _buffered_ranges(fs, path: str, size: int, part: int, out, hasher, grow=None
             submit()
 
 
-def _object_info(fs, path: str) -> dict:
+def _object_info(fs, path: str, timeout: float) -> dict:
     """fs.info(path); from s3fs, with the encryption headers its info() leaves out (one HEAD either way)."""
     if not hasattr(fs, "call_s3"):
-        return fs.info(path)
+        return _call(fs, "info", (path,), {}, timeout)
     bucket, key, _ = fs.split_path(path)
-    head = fs.call_s3("head_object", fs.kwargs, Bucket=bucket, Key=key)
+    head = _call(fs, "call_s3", ("head_object", fs.kwargs), {"Bucket": bucket, "Key": key}, timeout)
     return {"size": head["ContentLength"], "ETag": head.get("ETag", ""),
             "ServerSideEncryption": head.get("ServerSideEncryption"),
             "SSECustomerAlgorithm": head.get("SSECustomerAlgorithm")}
@@ -869,6 +879,9 @@ def _storage_error(uri: str, action: str, e: BaseException) -> StorageError:
         return StorageNotFound(uri)
     status = next((s for s in map(_http_status, _chain(e)) if s), None)
     detail = f"{type(e).__name__}: {e}".strip().rstrip(":") + (f", HTTP {status}" if status else "")
+    if type(e).__name__ == "FSTimeoutError":  # raised by _call's bound, with no message of its own
+        detail = ("timed out: the store did not answer in time, or kept answering 429 or 5xx, which gcsfs "
+                  "retries by itself (FSTimeoutError)")
     if len(detail) > 300:
         detail = detail[:300] + "…"
     if kind == DENIED:

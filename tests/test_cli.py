@@ -122,3 +122,52 @@ def test_plain_parse_leaves_anything_else_to_argparse(command, options):
     from executor.cli import _parse_plain
 
     assert _parse_plain(command, options) is None
+
+
+# --- pyflyte-fast-execute: the inner command learns the distribution (flytekit, for dynamic tasks) --
+
+FAST_URI = "s3://b/fast0123456789abcdef0123456789abcdef.tar.gz"
+
+
+def test_fast_execute_passes_the_distribution_to_the_inner_command():
+    from executor.cli import parse_fast_execute
+
+    inv = parse_fast_execute(["--additional-distribution", FAST_URI, "--dest-dir", "/root", "--",
+                              "pyflyte-execute", *BASE, *TAIL])
+    # flytekit's fast_execute_task_cmd inserts --dynamic-addl-distro/--dynamic-dest-dir before --resolver.
+    assert inv.dynamic_addl_distro == FAST_URI and inv.dynamic_dest_dir == "/root"
+    assert (inv.bundle.uri, inv.bundle.dest_dir, inv.bundle.archive_md5) == (FAST_URI, "/root", None)
+    assert inv.inputs_uri == "s3://b/in/inputs.pb" and inv.resolver == DEFAULT_RESOLVER and not inv.is_map_task
+    assert inv.resolver_args == ("task-module", "m", "task-name", "t")
+
+
+def test_fast_execute_passes_the_distribution_to_a_map_task(monkeypatch, tmp_path):
+    from executor.cli import parse_fast_execute
+
+    monkeypatch.chdir(tmp_path)  # no --dest-dir: flytekit uses the working directory
+    inv = parse_fast_execute(["--additional-distribution", FAST_URI, "--", "pyflyte-map-execute", *BASE,
+                              "--resolver", MAP_RESOLVER, "--", "vars", "", "resolver", DEFAULT_RESOLVER,
+                              "task-module", "m", "task-name", "t"])
+    assert inv.is_map_task and inv.resolver == MAP_RESOLVER
+    assert inv.dynamic_addl_distro == FAST_URI and inv.dynamic_dest_dir == str(tmp_path)
+    assert inv.bundle.uri == FAST_URI and inv.bundle.dest_dir == str(tmp_path)
+
+
+def test_fast_execute_distribution_replaces_stale_inner_values():
+    # flytekit inserts its pair right before --resolver and click keeps an option's last value, so
+    # values the inner argv gives earlier are replaced by the outer command's.
+    from executor.cli import parse_fast_execute
+
+    inv = parse_fast_execute(["--additional-distribution", FAST_URI, "--dest-dir", "/root", "--", "pyflyte-execute",
+                              *BASE, "--dynamic-addl-distro", "s3://b/old.tar.gz", "--dynamic-dest-dir", "/old", *TAIL])
+    assert inv.dynamic_addl_distro == FAST_URI and inv.dynamic_dest_dir == "/root"
+
+
+@pytest.mark.parametrize("own", [[], ["--additional-distribution", ""], ["--additional-distribution", "{{.fastDistro}}"]])
+def test_fast_execute_without_a_distribution_keeps_the_inner_values(own):
+    from executor.cli import parse_fast_execute
+
+    inv = parse_fast_execute([*own, "--", "pyflyte-execute", *BASE, "--dynamic-addl-distro", "s3://b/d.tar.gz",
+                              "--dynamic-dest-dir", "/d", *TAIL])
+    assert inv.bundle is None
+    assert inv.dynamic_addl_distro == "s3://b/d.tar.gz" and inv.dynamic_dest_dir == "/d"
