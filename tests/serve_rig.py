@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +33,9 @@ class Server:
             stdout=subprocess.PIPE if stdio else self._log, stderr=self._log, text=True,
         )
         self.port = None
+        self._events: list[dict] | None = None  # --stdio: event lines not yet taken by event()
+        self._events_changed = threading.Condition()
+        self._events_ended = False
         if not stdio:
             end = time.monotonic() + 60
             while self.port is None:
@@ -85,15 +89,53 @@ class Server:
 
     def metric(self, name: str, **labels) -> float:
         """The value of one sample (0 when absent)."""
-        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-        for line in self.metrics().splitlines():
-            if line.startswith("#"):
-                continue
-            key, _, value = line.rpartition(" ")
-            sample, _, label_text = key.partition("{")
-            if sample == name and (label_text.rstrip("}") == want if labels else not label_text):
-                return float(value)
-        return 0.0
+        return metric_sample(self.metrics(), name, **labels)
+
+    # --- JSON lines (--stdio), interactively: send() a request, event() takes the answer -----------
+
+    def send(self, request: dict) -> None:
+        """One request line on the server's stdin."""
+        if self._events is None:
+            self._events = []
+            threading.Thread(target=self._read_events, name="stdio-events", daemon=True).start()
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+
+    def end_input(self) -> None:
+        self.proc.stdin.close()
+
+    def _read_events(self) -> None:
+        try:
+            for line in self.proc.stdout:
+                try:
+                    event = json.loads(line)
+                except ValueError:  # every line must be the protocol: a test sees this one among the events
+                    event = {"event": "not json", "line": line}
+                with self._events_changed:
+                    self._events.append(event)
+                    self._events_changed.notify_all()
+        finally:
+            with self._events_changed:
+                self._events_ended = True  # end of the server's stdout
+                self._events_changed.notify_all()
+
+    def event(self, timeout: float = 120, **fields) -> dict:
+        """The first event line not taken yet whose fields have these values; taken."""
+        end = time.monotonic() + timeout
+        with self._events_changed:
+            while True:
+                for e in self._events:
+                    if all(e.get(k) == v for k, v in fields.items()):
+                        self._events.remove(e)
+                        return e
+                left = end - time.monotonic()
+                assert left > 0 and not self._events_ended, \
+                    f"no event {fields} (pending: {self._events}): {self.log()[-3000:]}"
+                self._events_changed.wait(min(left, 0.5))
+
+    def pending_events(self) -> list[dict]:
+        with self._events_changed:
+            return list(self._events or [])
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         self.proc.send_signal(signum)
@@ -111,6 +153,19 @@ class Server:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+
+def metric_sample(text: str, name: str, **labels) -> float:
+    """The value of one sample of Prometheus text (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        sample, _, label_text = key.partition("{")
+        if sample == name and (label_text.rstrip("}") == want if labels else not label_text):
+            return float(value)
+    return 0.0
 
 
 def invocation(tmp: Path, name: str, task: str, values: dict, annotations: dict | None = None, *,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,8 +15,8 @@ import pytest
 from flyteidl.core import security_pb2, tasks_pb2
 
 from tests.helpers import REPO, env_with
-from tests.serve_rig import (TASKS, Server, alive, descendants, error_doc, invocation, out_files, output_value,
-                             scratch_env, wait_for)
+from tests.serve_rig import (TASKS, Server, alive, descendants, error_doc, invocation, metric_sample, out_files,
+                             output_value, scratch_env, wait_for)
 
 SECRET = "t0ken-9f8e7d6c-serve"
 
@@ -636,6 +637,59 @@ def test_in_process_runner_replaced_above_the_rss_ceiling(server, tmp_path):
     assert "recycling an in-process runner" in s.log()
 
 
+def test_fork_server_replaced_above_the_rss_ceiling(server, tmp_path):
+    # A fork server reports its own resident memory with each finished invocation. The task module's
+    # import-time ballast (module-level code runs in the fork server, with the server's env) puts it
+    # above the ceiling: the isolated invocation that made it import the module retires it once done.
+    s = server("--max-worker-rss-mib", "150", "--concurrency", "1", env={"SERVE_TASKS_BALLAST_MIB": "200"})
+    first = s.run(invocation(tmp_path, "first", "session", {"x": 1}))
+    assert first["result"]["outcome"] == "success" and first["isolation"] == "fork"
+    first_server = output_value(tmp_path, "first")
+    assert s.metric("executor_serve_worker_recycles_total", reason="rss") == 1
+    assert s.metric("executor_serve_worker_recycles_total", reason="max_invocations") == 0
+    wait_for(lambda: not alive(first_server), what="the retired fork server to exit")
+    second = s.run(invocation(tmp_path, "second", "session", {"x": 2}))
+    assert second["result"]["outcome"] == "success"
+    assert output_value(tmp_path, "second") != first_server  # a fresh worker
+    assert s.metric("executor_serve_pool_requests_total", result="miss") == 2
+    assert s.metric("executor_serve_worker_recycles_total", reason="rss") == 2  # as large: retired as well
+    s.stop()
+    log = s.log()
+    started = [int(p) for p in re.findall(r"warm worker started .*pid=(\d+)", log)]
+    assert started == [first_server, output_value(tmp_path, "second")]  # the tasks saw their fork servers
+    recycled = re.findall(r"recycling a warm worker .*reason=(\w+).*rss_mib=([\d.]+)", log)
+    assert [reason for reason, _ in recycled] == ["rss", "rss"] and all(float(mib) > 150 for _, mib in recycled)
+
+
+@pytest.mark.parametrize("kind", ["timeout", "oom"])
+def test_an_in_process_timeout_or_oom_takes_its_runner_not_the_next_invocation(server, tmp_path, kind):
+    s = server("--concurrency", "1")
+    s.run(invocation(tmp_path, "before", "pid", {"x": 1}, isolation="inprocess"))
+    runner = output_value(tmp_path, "before")
+    if kind == "timeout":
+        body = invocation(tmp_path, "victim", "sleepy", {"seconds": 300.0}, isolation="inprocess",
+                          env={**scratch_env(tmp_path, "victim"), "EXECUTOR_TIMEOUT_SECONDS": "1",
+                               "EXECUTOR_GRACE_SECONDS": "1"})
+    else:  # as the isolated OOM test: a SIGKILL nobody here sent
+        body = invocation(tmp_path, "victim", "killed_by_kernel", {"x": 1}, isolation="inprocess")
+    record = s.run(body)
+    assert record["isolation"] == "inprocess" and record["worker_pid"] == runner  # it ran in the warm runner
+    error = error_doc(tmp_path, "victim")
+    assert out_files(tmp_path, "victim") == ["error.pb"]
+    assert record["result"]["error"]["code"] == error.code == {"timeout": "TIMEOUT", "oom": "OOM"}[kind]
+    if kind == "timeout":
+        assert "timeout of 1 s" in error.message and "in sleepy" in error.message  # the user's frame from the stack dump
+        assert int((tmp_path / "scratch-victim" / "started").read_text()) == runner
+    else:
+        assert "SIGKILL" in error.message
+    wait_for(lambda: not alive(runner), what="the runner to be gone")
+    after = s.run(invocation(tmp_path, "after", "pid", {"x": 2}, isolation="inprocess"))
+    assert after["result"]["outcome"] == "success" and out_files(tmp_path, "after") == ["outputs.pb"]
+    assert output_value(tmp_path, "after") != runner  # a fresh runner
+    again = s.run(invocation(tmp_path, "again", "pid", {"x": 3}, isolation="inprocess"))
+    assert output_value(tmp_path, "again") == output_value(tmp_path, "after")  # and it stays warm
+
+
 def test_server_exits_after_the_idle_ttl(server, tmp_path):
     s = server("--idle-ttl", "1")
     s.run(invocation(tmp_path, "only", "add", {"a": 1, "b": 1}))
@@ -726,6 +780,32 @@ def test_sigterm_preempts_what_outlasts_the_grace_period(server, tmp_path):
     assert not any(alive(p) for p in pids)
 
 
+def test_a_second_sigterm_stops_what_runs_at_once(server, tmp_path):
+    # The grace period is far longer than the test may take: only the second SIGTERM can end it in time.
+    s = server("--concurrency", "2", "--grace", "600")
+    for name in ("a", "b"):  # both ignore SIGTERM: they are SIGKILLed half a stop window later
+        assert s.post(invocation(tmp_path, name, "stubborn", {"seconds": 300.0}, env=scratch_env(tmp_path, name),
+                                 isolation="fork" if name == "a" else "inprocess"))[0] == 202
+    assert s.post(invocation(tmp_path, "queued", "add", {"a": 1, "b": 1}))[1]["state"] == "queued"
+    pids = [int(wait_for(lambda n=n: (tmp_path / f"scratch-{n}" / "started").exists() and
+                         (tmp_path / f"scratch-{n}" / "started").read_text(), what="the tasks")) for n in ("a", "b")]
+    s.signal(signal.SIGTERM)
+    wait_for(lambda: s.request("GET", "/readyz")[0] == 503, what="the drain to begin")
+    queued = s.wait_done("queued")["result"]["error"]
+    assert queued["code"] == "PREEMPTED" and "before it started" in queued["message"]
+    assert [s.get(n)[1]["state"] for n in ("a", "b")] == ["running", "running"]  # the drain lets them run
+    s.signal(signal.SIGTERM)
+    assert s.proc.wait(timeout=120) == 0  # every invocation reported
+    for name in ("a", "b"):
+        error = error_doc(tmp_path, name)
+        assert error.code == "PREEMPTED" and "asked to stop (SIGTERM)" in error.message, error.message
+        assert out_files(tmp_path, name) == ["error.pb"]
+    assert out_files(tmp_path, "queued") == ["error.pb"] and error_doc(tmp_path, "queued").code == "PREEMPTED"
+    assert not any(alive(p) for p in pids)
+    log = s.log()
+    assert "stopping what still runs" in log and "invocations unreported" not in log
+
+
 # --- JSON lines ----------------------------------------------------------------------------------
 
 
@@ -747,6 +827,58 @@ def test_json_lines_on_stdin_and_stdout(server, tmp_path):
     assert finished["j1"]["result"]["outcome"] == "success" and output_value(tmp_path, "j1") == 7
     assert finished["j3"]["result"]["error"]["code"] == "USER"
     assert "a line on the task's stdout" in s.log()
+
+
+def test_json_lines_get_cancel_and_metrics(server, tmp_path):
+    s = server(stdio=True)
+    slow = invocation(tmp_path, "j-slow", "stubborn", {"seconds": 300.0},
+                      env={**scratch_env(tmp_path, "j-slow"), "EXECUTOR_GRACE_SECONDS": "1"})
+    s.send({"op": "invoke", **slow})
+    assert s.event(event="accepted", id="j-slow")["status"] == 202
+    s.send(invocation(tmp_path, "j-add", "add", {"a": 20, "b": 22}))
+    assert s.event(event="accepted", id="j-add")["status"] == 202
+    assert s.event(event="finished", id="j-add")["result"]["outcome"] == "success"
+
+    s.send({"op": "get", "id": "j-add"})  # a finished one: its whole record
+    status = s.event(event="status", id="j-add")
+    assert status["status"] == 200 and status["state"] == "done" and status["result"]["outcome"] == "success"
+    assert status["result"]["files"] == [str(tmp_path / "j-add" / "out" / "outputs.pb")] and output_value(tmp_path, "j-add") == 42
+    s.send({"op": "get", "id": "j-nope"})
+    assert s.event(event="status", id="j-nope")["status"] == 404  # it names the id it answers
+
+    started = wait_for(lambda: (tmp_path / "scratch-j-slow" / "started").exists() and
+                       (tmp_path / "scratch-j-slow" / "started").read_text(), what="the task to start")
+    s.send({"op": "get", "id": "j-slow"})
+    status = s.event(event="status", id="j-slow")
+    assert status["status"] == 200 and status["state"] == "running" and status.get("result") is None
+
+    s.send({"op": "metrics"})
+    text = s.event(event="metrics")["text"]
+    assert "# TYPE executor_serve_in_flight gauge" in text
+    assert metric_sample(text, "executor_serve_in_flight") == 1
+    assert metric_sample(text, "executor_serve_invocations_total", outcome="success", code="") == 1
+
+    s.send({"op": "cancel", "id": "j-slow"})  # running, ignores SIGTERM: killed after its grace period
+    cancelling = s.event(event="cancel", id="j-slow")
+    assert cancelling["status"] == 202 and cancelling["cancel_requested"] is True
+    finished = s.event(event="finished", id="j-slow")
+    error = finished["result"]["error"]
+    assert error["code"] == "PREEMPTED" and "cancelled" in error["message"]
+    assert out_files(tmp_path, "j-slow") == ["error.pb"] and error_doc(tmp_path, "j-slow").kind == 1
+    assert not alive(int(started))
+    s.send({"op": "cancel", "id": "j-slow"})
+    assert s.event(event="cancel", id="j-slow")["status"] == 409
+    s.send({"op": "cancel", "id": "j-nope"})
+    assert s.event(event="cancel", id="j-nope")["status"] == 404
+
+    s.send({"op": "metrics"})
+    text = s.event(event="metrics")["text"]
+    assert metric_sample(text, "executor_serve_invocations_total", outcome="failure", code="PREEMPTED") == 1
+    assert metric_sample(text, "executor_serve_in_flight") == 0
+    s.end_input()
+    assert s.proc.wait(timeout=60) == 0
+    wait_for(lambda: s._events_ended, what="the end of the server's stdout")
+    assert s.pending_events() == []  # nothing else was said, and every line was the protocol
 
 
 # --- the one-shot path stays lean ----------------------------------------------------------------

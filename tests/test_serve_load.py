@@ -6,9 +6,11 @@ lost, none doubled, none run twice), and the server's and its workers' memory mu
     EXECUTOR_LOAD_N=2000 pytest tests/test_serve_load.py      # a quicker one
 
 The mix, by invocation number i: every 100th (from 7) times out, every 50th (from 3) is cancelled
-right after it is accepted, every 97th (from 5) is POSTed twice, every 13th fails in the task, every
-5th runs in-process; the rest succeed in a fresh isolated child. Each success returns "<i>:<its id>"
-from an env var only that invocation has: a mixed-up env or input would show.
+right after it is accepted, every 97th (from 5) is POSTed twice, every 13th fails in the task. Every
+5th runs in-process, and so do the timeouts and cancels of every other hundred (each of them takes
+its runner: the next in-process invocation needs a fresh one); the rest run in a fresh isolated
+child. Each success returns "<i>:<its id>" from an env var only that invocation has: a mixed-up env
+or input would show.
 """
 from __future__ import annotations
 
@@ -36,6 +38,12 @@ def kind_of(i: int) -> str:
     if i % 50 == 3:
         return "cancel"
     return "fail" if i % 13 == 0 else "ok"
+
+
+def isolation_of(i: int) -> str:
+    if kind_of(i) in ("timeout", "cancel"):  # i % 5 is never 0 for them: half of them in-process
+        return "inprocess" if (i // 100) % 2 else "fork"
+    return "inprocess" if i % 5 == 0 else "fork"
 
 
 def expected_code(kind: str) -> str | None:
@@ -84,11 +92,12 @@ def test_load_every_invocation_ends_with_exactly_one_document(tmp_path):
         if kind == "cancel":
             env.update(SLEEP_SECONDS="30", EXECUTOR_GRACE_SECONDS="0.5")
         body = {"id": name, "argv": pyflyte_execute_args(inputs[x], tmp_path / "out" / name / "out", TASKS, "mark"), "env": env}
-        if i % 5 == 0:
+        if isolation_of(i) == "inprocess":
             body["isolation"] = "inprocess"
         bodies[i] = body
 
-    statuses: Counter = Counter()
+    statuses: Counter = Counter()  # (request, HTTP status) of each invocation's answers (busy ones retried)
+    isolations: Counter = Counter()  # (isolation, kind), as the finished records say
     errors: list[str] = []
     lock = threading.Lock()
 
@@ -97,17 +106,22 @@ def test_load_every_invocation_ends_with_exactly_one_document(tmp_path):
         for i in indices:
             body = bodies[i]
             try:
+                answers = []  # (request, HTTP status)
                 if kind_of(i) == "cancel":
                     status, _ = _post(client, body, wait=0)
-                    client.call("DELETE", f"/invocations/{body['id']}")
+                    answers.append(("POST", status))
+                    answers.append(("DELETE", client.call("DELETE", f"/invocations/{body['id']}")[0]))
                     status, record = client.call("GET", f"/invocations/{body['id']}?wait=120")
+                    answers.append(("GET", status))
                 else:
                     status, record = _post(client, body, wait=120)
+                    answers.append(("POST", status))
                     if i % 97 == 5:  # the caller retries: the same invocation comes back, nothing runs again
                         again_status, again = _post(client, body, wait=120)
                         assert again_status == 200 and again["result"] == record["result"], again
                 with lock:
-                    statuses[status] += 1
+                    statuses.update(answers)
+                    isolations[record["isolation"], kind_of(i)] += 1
                 assert record["state"] == "done", record
             except Exception as e:  # collected: a load thread must not die silently
                 with lock:
@@ -134,6 +148,14 @@ def test_load_every_invocation_ends_with_exactly_one_document(tmp_path):
     finally:
         server.kill()
     assert errors == [], errors[:20]
+    cancels = sum(1 for i in range(N) if kind_of(i) == "cancel")
+    # A cancel is accepted (202: a 30 s task cannot be done at once) and cancelled (202: still running);
+    # everything else is answered done within its wait (200), never left at 202.
+    assert statuses == Counter({("POST", 200): N - cancels, ("POST", 202): cancels, ("DELETE", 202): cancels,
+                                ("GET", 200): cancels}), statuses
+    if N >= 200:  # each kind landed on both isolations
+        for kind in ("timeout", "cancel", "fail", "ok"):
+            assert isolations["fork", kind] and isolations["inprocess", kind], isolations
     print(f"\n{N} invocations in {elapsed:.1f} s ({N / elapsed:.0f}/s); memory start {memory_start}, end {memory_end}")
 
     # every invocation: exactly one document, the right one, with the right content

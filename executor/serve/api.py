@@ -274,12 +274,14 @@ class JsonLines:
                 self._write({"event": "accepted" if accepted else "rejected", "status": answer.status, **answer.body})
                 if answer.status == 200 and answer.record is not None:  # a retried id that already finished
                     self._write({"event": "finished", **answer.record.to_json()})
+            # "id" always: a 404's body has none, and a client with several requests out could not
+            # tell which one it answers.
             elif op == "get":
                 answer = self.core.get(str(rid))
-                self._write({"event": "status", "status": answer.status, **answer.body})
+                self._write({"event": "status", "status": answer.status, "id": rid, **answer.body})
             elif op == "cancel":
                 answer = self.core.cancel(str(rid))
-                self._write({"event": "cancel", "status": answer.status, **answer.body})
+                self._write({"event": "cancel", "status": answer.status, "id": rid, **answer.body})
             elif op == "metrics":
                 self._write({"event": "metrics", "text": self.core.metrics_text()})
             else:

@@ -237,3 +237,14 @@ def find_marker(head: str, tail: str) -> dict:
                 keep.append(ref)  # alive until the end: an id is never reused during the walk
                 stack.append(ref)
     return {"found": found}
+
+
+def session(x: int) -> int:
+    """The session this process is in: its fork server's pid (a fork server leads its session; the
+    processes under it only make process groups of their own)."""
+    return os.getsid(0)
+
+
+# Module-level code runs once per pool, in the fork server, with the server's env: this much resident
+# memory (touched, not just reserved) makes the fork server itself large.
+_ballast = b"\x01" * (int(os.environ.get("SERVE_TASKS_BALLAST_MIB", "0") or 0) << 20)
