@@ -102,11 +102,9 @@ class Arbiter:
                 if core.idle():
                     return 0
                 continue
-            if settings.idle_ttl and core.idle() and now - core.last_activity >= settings.idle_ttl:
-                core.close_intake()
-                if core.idle():  # nothing slipped in meanwhile (else it finishes first, then we exit)
-                    logs.info("idle for the idle TTL: exiting", idle_ttl_s=settings.idle_ttl)
-                    return 0
+            if settings.idle_ttl and core.close_if_idle_since(settings.idle_ttl):
+                logs.info("idle for the idle TTL: exiting", idle_ttl_s=settings.idle_ttl)
+                return 0
 
 
 def main(argv: list[str]) -> int:

@@ -270,6 +270,17 @@ class Server:
             if self.state == SERVING:
                 self.state = CLOSING
 
+    def close_if_idle_since(self, seconds: float) -> bool:
+        """Refuse new work if nothing ran or arrived for `seconds`: checked and closed under the lock
+        that submit takes, so no invocation can slip in between (the idle TTL's exit)."""
+        with self.lock:
+            if self.state != SERVING or self.running or self.queue:
+                return False
+            if time.monotonic() - self.last_activity < seconds:
+                return False
+            self.state = CLOSING
+            return True
+
     def drain(self, signal_name: str) -> None:
         """Refuse new work; what is queued is reported PREEMPTED at once; what runs may finish."""
         with self.lock:
