@@ -309,6 +309,17 @@ def machine() -> dict:
             "commit": commit or "?"}
 
 
+def median_row(rounds: list[dict]) -> dict:
+    """One row for a contender measured in several rounds: each figure the median over the rounds."""
+    row = dict(rounds[0])
+    for field in ("p50_ms", "p99_ms", "server_p50_ms", "throughput", "cpu_ms"):
+        row[field] = statistics.median(r[field] for r in rounds)
+    row["cpu_split_ms"] = {k: statistics.median(r["cpu_split_ms"][k] for r in rounds) for k in rounds[0]["cpu_split_ms"]}
+    row["ok"], row["runs"] = sum(r["ok"] for r in rounds), sum(r["runs"] for r in rounds)
+    row["rounds"] = rounds
+    return row
+
+
 def targets(rows: dict) -> list[tuple[bool, str]]:
     iso, inproc = rows["fork"], rows["inprocess"]
     lines = [
@@ -322,7 +333,8 @@ def targets(rows: dict) -> list[tuple[bool, str]]:
     return lines
 
 
-def report(rows: dict, facts: dict, command: str, store: str, load: tuple[float, float], floor: float) -> str:
+def report(rows: dict, facts: dict, command: str, store: str, load: tuple[float, float], floors: list[float]) -> str:
+    floor = statistics.median(floors)
     out = [
         "## Warm invocations (`warm.py`)",
         "",
@@ -335,7 +347,9 @@ def report(rows: dict, facts: dict, command: str, store: str, load: tuple[float,
         "accepted-to-finished time. Throughput is concurrent clients for a fixed number of invocations; \"CPU per",
         "invocation\" is what the server and everything under it (fork servers, runners, zygotes, children) spent. Every",
         "invocation counts only if its outputs.pb holds a + b. The store is tmpfs, so the runtime is measured and",
-        "not the disk (an fsync'd write costs ~7 ms on this VM's disk).",
+        "not the disk (an fsync'd write costs ~7 ms on this VM's disk). The warm contenders run in rounds, each",
+        "against a fresh server; the table gives each figure's median over the rounds, and every round is listed",
+        "below it: this VM shares its host, and its speed can change by half within minutes.",
         "",
         "```",
         command,
@@ -345,7 +359,8 @@ def report(rows: dict, facts: dict, command: str, store: str, load: tuple[float,
         f"- nproc: {facts['nproc']} (cpu: {facts['cpu']}); os: {facts['os']}; python: {facts['python']}",
         f"- store: {store}; load average before/after: {load[0]:.2f} / {load[1]:.2f} (the machine is shared: other",
         "  processes' work shows up as latency and lower throughput here)",
-        f"- floor: a bare `python -c pass` took {floor:.0f} ms during this run",
+        f"- floor: a bare `python -c pass` took {floor:.0f} ms during this run (before each round: "
+        f"{' / '.join(f'{f:.0f}' for f in floors)} ms)",
         "",
         "| contender | ok runs | p50 | p99 | server p50 | throughput | clients | CPU per invocation |",
         "|---|---|---|---|---|---|---|---|",
@@ -359,6 +374,10 @@ def report(rows: dict, facts: dict, command: str, store: str, load: tuple[float,
     for key in ("fork", "inprocess"):
         split = ", ".join(f"{name} {ms:.2f} ms" for name, ms in rows[key]["cpu_split_ms"].items())
         out.append(f"\n{rows[key]['label']}, CPU per invocation under throughput: {split}.")
+    out += ["", "Each round (p50 / throughput):", ""]
+    for key in ("fork", "inprocess"):
+        rounds = " · ".join(f"{r['p50_ms']:.2f} ms / {r['throughput']:.0f}/s" for r in rows[key]["rounds"])
+        out.append(f"- {rows[key]['label']}: {rounds}")
     out += ["", "Targets:"]
     out += [f"- {'PASS' if ok else 'MISS'}  {text}" for ok, text in targets(rows)]
     return "\n".join(out) + "\n"
@@ -387,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-runs", type=int, default=1000, help="sequential invocations per warm contender (cold: 1/20 of it)")
     parser.add_argument("--throughput-runs", type=int, default=3000, help="invocations per warm contender (cold: 1/20 of it)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (and the server's --concurrency)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the warm contenders, a fresh server each (figures: medians)")
     parser.add_argument("--store", help="directory for inputs, outputs and the server's work dirs (default: tmpfs)")
     parser.add_argument("--write-readme", action="store_true", help="replace this benchmark's section of benchmarks/README.md")
     args = parser.parse_args(argv)
@@ -395,22 +415,25 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     try:
         fixture = Fixture(store)
-        floor = floor_ms()
-        rows = {}
+        rows, floors, rounds = {}, [], {"fork": [], "inprocess": []}
         _say("cold one-shot")
         rows["cold"] = cold(fixture, max(10, args.latency_runs // 20), max(20, args.throughput_runs // 20))
-        serve = Serve(store, args.clients)
-        try:
-            for isolation in ("fork", "inprocess"):
-                _say(f"warm, {isolation}")
-                rows[isolation] = warm(serve, fixture, isolation, args.latency_runs, args.throughput_runs, args.clients)
-        finally:
-            serve.close()
+        for n in range(1, max(1, args.rounds) + 1):
+            floors.append(floor_ms())
+            serve = Serve(store, args.clients)
+            try:
+                for isolation in rounds:
+                    _say(f"round {n}: warm, {isolation}")
+                    rounds[isolation].append(warm(serve, fixture, isolation, args.latency_runs, args.throughput_runs,
+                                                  args.clients))
+            finally:
+                serve.close()
+        rows.update({isolation: median_row(measured) for isolation, measured in rounds.items()})
     finally:
         shutil.rmtree(store, ignore_errors=True)
     command = "python benchmarks/warm.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:]) if (argv or sys.argv[1:]) else "")
     text = report(rows, machine(), command, "tmpfs (/dev/shm)" if base == "/dev/shm" else str(base or "default temp dir"),
-                  (load_before, os.getloadavg()[0]), floor)
+                  (load_before, os.getloadavg()[0]), floors)
     print(text)
     if args.write_readme:
         write_readme(text)
