@@ -364,7 +364,7 @@ def test_no_child_can_reach_another_invocations_env_or_secret(server, tmp_path):
     head, tail = "leak-7c1f", "-e2a94b0d"
     secret = security_pb2.Secret(group="api", key="token", env_var="MY_TOKEN")
     with_secret = ["--task-template", str(_template(tmp_path / "t.pb", secrets=[secret]))]
-    holder = invocation(tmp_path, "holder", "sleepy", {"seconds": 3.0}, extra=with_secret,
+    holder = invocation(tmp_path, "holder", "until_released", {"seconds": 120.0}, extra=with_secret,
                         env={"HOLDER_VALUE": head + tail + "-env", "_FSEC_API_TOKEN": head + tail + "-secret",
                              **scratch_env(tmp_path, "holder")})
     assert s.post(holder)[0] == 202
@@ -376,6 +376,8 @@ def test_no_child_can_reach_another_invocations_env_or_secret(server, tmp_path):
     scan("during-spare")
     scan("during-own-child", extra=with_secret, env={"_FSEC_API_TOKEN": "its-own"})
     scan("during-inprocess", isolation="inprocess")
+    assert s.get("holder")[1]["state"] == "running"  # the scans above ran while it did
+    (tmp_path / "scratch-holder" / "release").touch()
     assert s.wait_done("holder")["result"]["outcome"] == "success"
     scan("after-spare")
     scan("after-own-child", extra=with_secret, env={"_FSEC_API_TOKEN": "its-own"})
@@ -600,7 +602,7 @@ def test_a_new_pool_is_kept_while_every_older_one_is_busy(server, tmp_path):
     one = _bundle(tmp_path, "one", 100)
     cache = {"EXECUTOR_CACHE_DIR": str(tmp_path / "cache")}
     s = server("--max-pools", "1", "--concurrency", "3", env=cache)
-    busy = invocation(tmp_path, "busy", "sleepy", {"seconds": 4.0}, env=scratch_env(tmp_path, "busy"))
+    busy = invocation(tmp_path, "busy", "until_released", {"seconds": 120.0}, env=scratch_env(tmp_path, "busy"))
     assert s.post(busy)[0] == 202
     wait_for(lambda: (tmp_path / "scratch-busy" / "started").exists(), what="the busy pool's task to start")
     pools = {s.run(_fast(tmp_path, f"one-{i}", one, i, env=cache))["pool"] for i in range(3)}
@@ -608,6 +610,7 @@ def test_a_new_pool_is_kept_while_every_older_one_is_busy(server, tmp_path):
     assert s.metric("executor_serve_pool_requests_total", result="miss") == 2  # the busy pool's, then this one's
     assert s.metric("executor_serve_pool_requests_total", result="hit") == 2
     assert s.metric("executor_serve_worker_recycles_total", reason="lru") == 0
+    (tmp_path / "scratch-busy" / "release").touch()
     assert s.wait_done("busy")["result"]["outcome"] == "success"
     wait_for(lambda: s.metric("executor_serve_worker_recycles_total", reason="lru") == 1, what="the idle pool retired")
     assert s.run(_fast(tmp_path, "one-3", one, 3, env=cache))["pool"] in pools

@@ -59,6 +59,17 @@ def sleepy(seconds: float) -> float:
     return seconds
 
 
+def until_released(seconds: float) -> float:
+    """Runs until the test creates $SCRATCH/release (at most `seconds`): holds its invocation open
+    exactly as long as a test needs, on a slow machine too."""
+    with open(_scratch("started"), "w") as f:
+        f.write(str(os.getpid()))
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(_scratch("release")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return seconds
+
+
 def stubborn(seconds: float) -> float:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with open(_scratch("started"), "w") as f:
