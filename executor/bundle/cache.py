@@ -163,10 +163,15 @@ class BundleCache:
         path = self._entry(key) + ".inuse"
         if path in _held:
             return False
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = self._open_in_use(key)
         fcntl.flock(fd, fcntl.LOCK_SH)
         _held[path] = fd
         return True
+
+    def _open_in_use(self, key: str) -> int:
+        """The entry's .inuse: shared-locked by every process running from the entry, exclusively by
+        one removing it."""
+        return os.open(self._entry(key) + ".inuse", os.O_RDWR | os.O_CREAT, 0o666)
 
     def _release(self, key: str) -> None:
         fd = _held.pop(self._entry(key) + ".inuse", None)
@@ -334,7 +339,7 @@ class BundleCache:
 
     def _publish(self, key, staging, extracted, archive_md5, verified, unverified) -> Prepared:
         entry = self._entry(key)
-        fd = os.open(entry + ".inuse", os.O_RDWR | os.O_CREAT, 0o666)
+        fd = self._open_in_use(key)
         try:
             if os.path.lexists(entry):  # partial (a killed process), from another boot, or unverified
                 self._release(key)  # this process's own hold on what it replaces
@@ -428,7 +433,7 @@ class BundleCache:
                 total -= size
 
     def _remove_unused(self, key: str) -> bool:
-        fd = os.open(self._entry(key) + ".inuse", os.O_RDWR | os.O_CREAT, 0o666)
+        fd = self._open_in_use(key)
         try:
             if not _lock_unused(fd) or not self._remove_entry(key):
                 return False  # in use, or evicted by another process meanwhile
