@@ -385,6 +385,21 @@ def test_no_child_can_reach_another_invocations_env_or_secret(server, tmp_path):
     assert {name: output_value(tmp_path, name)["found"] for name in names} == {name: [] for name in names}
 
 
+def test_an_in_process_runner_keeps_nothing_of_the_invocation_it_was_forked_for(server, tmp_path):
+    # A runner is forked for the pool's first in-process invocation and then serves the next ones:
+    # what it inherited (the fork server's stack at that moment) must not hold that first invocation.
+    s = server("--concurrency", "1")
+    head, tail = "leak-3b7d", "-90fa11c2"
+    secret = security_pb2.Secret(group="api", key="token", env_var="MY_TOKEN")
+    with_secret = ["--task-template", str(_template(tmp_path / "t.pb", secrets=[secret]))]
+    first = s.run(invocation(tmp_path, "first", "add", {"a": 1, "b": 2}, isolation="inprocess", extra=with_secret,
+                             env={"FIRST_VALUE": head + tail + "-env", "_FSEC_API_TOKEN": head + tail + "-secret"}))
+    assert first["result"]["outcome"] == "success"
+    scan = s.run(invocation(tmp_path, "after-inprocess", "find_marker", {"head": head, "tail": tail}, isolation="inprocess"))
+    assert scan["worker_pid"] == first["worker_pid"]  # the same runner
+    assert output_value(tmp_path, "after-inprocess")["found"] == []
+
+
 def test_template_env_applies_to_its_invocation_only(server, tmp_path):
     s = server()
     template = ["--task-template", str(_template(tmp_path / "t.pb", env={"FROM_TEMPLATE": "yes"}))]

@@ -104,6 +104,7 @@ class ForkServer:
         self.spares: list[Runner] = []
         self.zygote: Zygote | None = None  # forks the spares (executor.serve.zygote)
         self.awaiting: list[Job] = []  # isolated jobs waiting for the zygote's next spare
+        self.awaiting_runner: list[str] = []  # ids of in-process jobs waiting for a runner forked by the loop
         self._inbox: collections.deque[dict] = collections.deque()  # the server's messages, not yet handled
         self.template = None  # the last invocation launched: what a spare rehearses
         self.warm = False
@@ -136,6 +137,7 @@ class ForkServer:
             if self.exiting and not self.jobs:
                 break
             self._wait_and_dispatch(now)
+            self._start_awaiting_runners()
             self._reap()
             self._refill_spares()
             self._refill_roots()
@@ -179,6 +181,33 @@ class ForkServer:
             if job is not None and job.attempt is not None and job.attempt.finished(now):
                 self._tick(job, now)
 
+    def _start_awaiting_runners(self) -> None:
+        """In-process jobs that found no idle runner: a runner forked for each from this frame, which
+        holds no invocation (the job is looked up by id only after the fork)."""
+        waiting, self.awaiting_runner = self.awaiting_runner, []
+        for job_id in waiting:
+            error = None
+            if self._idle_runner() is None:
+                try:
+                    self._fork_runner(one_shot=False, relay=True)
+                except OSError as e:
+                    error = e
+            self._launch_awaiting_runner(job_id, error)
+
+    def _launch_awaiting_runner(self, job_id: str, fork_error: OSError | None) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or job.attempt is not None:
+            return
+        if fork_error is None:
+            return self._launch_awaiting(job)
+        failure = TaskFailure("SYSTEM", f"the warm worker could not start a runner: {fork_error}", cause=fork_error)
+        failure.phase = "queue"
+        self._finish(job, execute.Attempt("failure", job.task_name, failure))
+
+    def _idle_runner(self) -> Runner | None:
+        return next((r for pid, r in self.runners.items() if not r.one_shot and pid not in self.busy
+                     and not r.retiring and not r.proc.exited), None)
+
     def _on_sigterm(self, signum, frame) -> None:
         self.sigterm = True  # acted on in the loop (the wakeup fd woke it)
 
@@ -200,6 +229,8 @@ class ForkServer:
         return owners
 
     def _timeout(self, now: float) -> float:
+        if self.awaiting_runner:  # launched right after this wait: it must not block
+            return 0.0
         times = [1.0]
         for job in self.jobs.values():
             if job.attempt is not None and (t := job.attempt.next_wakeup()) is not None:
@@ -429,9 +460,12 @@ class ForkServer:
 
     def _launch(self, job: Job) -> None:
         if job.isolation == "inprocess":
-            runner = next((r for pid, r in self.runners.items() if not r.one_shot and pid not in self.busy
-                           and not r.retiring and not r.proc.exited), None)
-            runner = runner or self._fork_runner(one_shot=False, relay=True)
+            runner = self._idle_runner()
+            if runner is None:
+                # Forked by the loop, not from here: a runner serves invocation after invocation, and
+                # would inherit this stack, which holds this one's env and secrets.
+                self.awaiting_runner.append(job.id)
+                return
         elif job.view.redactions:  # its output is relayed (redacted): a child made for it
             runner = self._fork_runner(one_shot=True, relay=True)
         else:
@@ -450,7 +484,11 @@ class ForkServer:
         try:
             runner.send(message)
         except OSError:  # it died before its reaping was noticed: a fresh one made for this attempt
-            runner = self._fork_runner(one_shot=runner.one_shot, relay=True)
+            runner.retire()
+            if not runner.one_shot:
+                self.awaiting_runner.append(job.id)
+                return
+            runner = self._fork_runner(one_shot=True, relay=True)
             runner.send(message)
         job.runner = runner
         oom_before = watch.oom_kills()  # after the send: the runner starts meanwhile (an OOM kill takes longer)
@@ -481,8 +519,11 @@ class ForkServer:
                     logs.warning("asked to stop: sending SIGTERM to the task", reason=message,
                                  grace_s=job.spec.grace_seconds if grace is None else grace)
                 job.attempt.stop(message, hint, time.monotonic(), grace)
-            elif job in self.awaiting:  # waiting for a spare: it never starts
-                self.awaiting.remove(job)
+            elif job in self.awaiting or job.id in self.awaiting_runner:  # waiting for a process: it never starts
+                if job in self.awaiting:
+                    self.awaiting.remove(job)
+                else:
+                    self.awaiting_runner.remove(job.id)
                 failure = TaskFailure("PREEMPTED", f"{message} before it started", hint=hint)
                 failure.phase = "queue"
                 self._finish(job, execute.Attempt("failure", job.task_name, failure))
@@ -653,6 +694,7 @@ class ForkServer:
         self.runners = {}
         self.spares = []
         self.awaiting = []
+        self.awaiting_runner = []
         self.template = None
         self._inbox = collections.deque()
         self._redaction_refs = {}
