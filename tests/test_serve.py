@@ -360,11 +360,13 @@ def test_no_child_can_reach_another_invocations_env_or_secret(server, tmp_path):
     # collector tracks) for another invocation's env value and secret. The holder is the pool's first
     # invocation (what its zygote is forked after) and runs while the others start: isolated from a
     # spare, isolated forked for it (it has secrets of its own), in-process; then again after it ended.
+    # Its id (and so its paths: inputs, outputs, checkpoints) carries the marker too.
     s = server("--concurrency", "4")
     head, tail = "leak-7c1f", "-e2a94b0d"
+    holder_id = f"holder-{head}{tail}"
     secret = security_pb2.Secret(group="api", key="token", env_var="MY_TOKEN")
     with_secret = ["--task-template", str(_template(tmp_path / "t.pb", secrets=[secret]))]
-    holder = invocation(tmp_path, "holder", "until_released", {"seconds": 120.0}, extra=with_secret,
+    holder = invocation(tmp_path, holder_id, "until_released", {"seconds": 120.0}, extra=with_secret,
                         env={"HOLDER_VALUE": head + tail + "-env", "_FSEC_API_TOKEN": head + tail + "-secret",
                              **scratch_env(tmp_path, "holder")})
     assert s.post(holder)[0] == 202
@@ -376,9 +378,9 @@ def test_no_child_can_reach_another_invocations_env_or_secret(server, tmp_path):
     scan("during-spare")
     scan("during-own-child", extra=with_secret, env={"_FSEC_API_TOKEN": "its-own"})
     scan("during-inprocess", isolation="inprocess")
-    assert s.get("holder")[1]["state"] == "running"  # the scans above ran while it did
+    assert s.get(holder_id)[1]["state"] == "running"  # the scans above ran while it did
     (tmp_path / "scratch-holder" / "release").touch()
-    assert s.wait_done("holder")["result"]["outcome"] == "success"
+    assert s.wait_done(holder_id)["result"]["outcome"] == "success"
     scan("after-spare")
     scan("after-own-child", extra=with_secret, env={"_FSEC_API_TOKEN": "its-own"})
     names = ("during-spare", "during-own-child", "during-inprocess", "after-spare", "after-own-child")
@@ -398,6 +400,21 @@ def test_an_in_process_runner_keeps_nothing_of_the_invocation_it_was_forked_for(
     scan = s.run(invocation(tmp_path, "after-inprocess", "find_marker", {"head": head, "tail": tail}, isolation="inprocess"))
     assert scan["worker_pid"] == first["worker_pid"]  # the same runner
     assert output_value(tmp_path, "after-inprocess")["found"] == []
+
+
+def test_a_spare_keeps_nothing_of_the_invocation_it_rehearsed(server, tmp_path):
+    # Spares are forked ahead of need and walk the code of the invocation launched last; the next
+    # invocation runs in one. That earlier invocation's id and paths (its id is in them) must not be
+    # found there.
+    s = server("--concurrency", "2")
+    head, tail = "leak-5d2e", "-77aa01bc"
+    for i in range(3):  # the pool warm, the zygote up
+        s.run(invocation(tmp_path, f"warm{i}", "add", {"a": 1, "b": 2}))
+    earlier = f"earlier-{head}{tail}"
+    assert s.run(invocation(tmp_path, earlier, "add", {"a": 1, "b": 2}))["result"]["outcome"] == "success"
+    time.sleep(0.5)  # the spares refilled: the next one rehearsed the invocation above
+    s.run(invocation(tmp_path, "scan", "find_marker", {"head": head, "tail": tail}))
+    assert output_value(tmp_path, "scan")["found"] == []
 
 
 def test_template_env_applies_to_its_invocation_only(server, tmp_path):

@@ -222,10 +222,10 @@ class ForkServer:
             job = self.busy.get(pid)
             if job is not None:
                 for fd in job.attempt.fds():
-                    owners[fd] = (proc, job.id)  # by id: what forks while these are read never sees the job
+                    owners[fd] = (proc, True)  # not the job, nor its id: what forks while these are read sees neither
             elif proc.relay:
                 for fd in proc.relay.fds():
-                    owners[fd] = (proc, None)
+                    owners[fd] = (proc, False)
         return owners
 
     def _timeout(self, now: float) -> float:
@@ -295,8 +295,8 @@ class ForkServer:
     # --- children --------------------------------------------------------------------------------
 
     def _on_proc_readable(self, owner, fd: int) -> None:
-        proc, job_id = owner
-        job = self.jobs.get(job_id) if job_id is not None else None
+        proc, busy = owner
+        job = self.busy.get(proc.pid) if busy else None
         if job is not None and job.attempt is not None:
             job.attempt.on_readable(fd, time.monotonic())
         elif fd == proc.report_r:
@@ -658,7 +658,7 @@ class ForkServer:
             return
         want = (0 if self.exiting else min(MAX_SPARES, 2 + running)) + len(self.awaiting)
         # A spare someone already waits for skips the rehearsal: it would only make them wait longer.
-        template = None if self.awaiting else self.template
+        template = None if self.awaiting else runner_module.rehearsal_copy(self.template)
         for _ in range(want - len(self.spares) - self.zygote.pending):
             self.zygote.request_spare(template, self.work_dir)
 

@@ -165,6 +165,21 @@ def warm_up(invocation, scratch_dir: str) -> None:
         _rehearse(invocation, scratch_dir)
 
 
+def rehearsal_copy(invocation):
+    """What a spare may rehearse of an invocation: its task, none of its own data (its id is in its
+    paths; its run's identity). A spare serves another invocation, which must not find this one's."""
+    import dataclasses
+
+    flyte2 = invocation.flyte2
+    if flyte2 is not None:
+        flyte2 = dataclasses.replace(flyte2, run_base_dir="", run_name="", action_name="", run_start_time=None)
+    return dataclasses.replace(
+        invocation, inputs_uri="", output_prefix="", raw_output_prefix=None, checkpoint_path=None,
+        prev_checkpoint=None, dynamic_addl_distro=None, dynamic_dest_dir=None, task_template=None,
+        secrets_dir=None, flyte2=flyte2,
+    )
+
+
 def _rehearse(invocation, scratch_dir: str) -> None:
     """Before a spare has an invocation: walk the code an attempt walks (load the task, a phase,
     protobuf and the literal types, an atomic write, a report line), so that the copy-on-write page
