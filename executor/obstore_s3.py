@@ -68,6 +68,14 @@ def settings(request_timeout: float) -> dict:
     if env.get("FLYTE_AWS_ACCESS_KEY_ID") and env.get("FLYTE_AWS_SECRET_ACCESS_KEY"):
         config["access_key_id"] = env["FLYTE_AWS_ACCESS_KEY_ID"]
         config["secret_access_key"] = env["FLYTE_AWS_SECRET_ACCESS_KEY"]
+    elif env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        # Given here, not left to obstore: it reads the C-level environment, which in a warm
+        # worker's own steps for an invocation (its template, its error document) is not that
+        # invocation's (os.environ is).
+        config["access_key_id"] = env["AWS_ACCESS_KEY_ID"]
+        config["secret_access_key"] = env["AWS_SECRET_ACCESS_KEY"]
+        if env.get("AWS_SESSION_TOKEN"):
+            config["session_token"] = env["AWS_SESSION_TOKEN"]
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
     if region:
         config["region"] = region

@@ -532,8 +532,36 @@ _MISSING_PACKAGE_HINT = {
     "az": "pip install adlfs",
 }
 
+# Clients by what made them: the protocol, our options, and the environment the client library reads
+# credentials from by itself. Each value is (that environment's fingerprint, the client).
 _filesystems: dict = {}
-_filesystems_pid = os.getpid()
+# What a client library may read from the environment on its own (AWS_PROFILE, AWS_ACCESS_KEY_ID,
+# GOOGLE_APPLICATION_CREDENTIALS, ~/.aws through HOME, ...), and the FLYTE_* variables our options use.
+_CREDENTIAL_ENV = ("AWS_", "FLYTE_AWS_", "GOOGLE_", "GCE_", "CLOUDSDK_", "FLYTE_GCP", "AZURE_", "FLYTE_AZURE_",
+                   "EXECUTOR_GCS_", "STORAGE_EMULATOR_HOST", "HOME")
+
+
+def _credentials_fingerprint() -> str:
+    import hashlib
+
+    env = os.environ
+    text = "\0".join(f"{name}={env[name]}" for name in sorted(env) if name.startswith(_CREDENTIAL_ENV))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def forget_other_credentials() -> None:
+    """Drop the clients made under other credentials than this environment's. A warm runner calls it
+    as each invocation starts: a client holds the credentials it was made with, and the next
+    invocation must neither act with the previous one's nor be able to reach them."""
+    if _filesystems:
+        current = _credentials_fingerprint()
+        for key in [key for key, (made_under, _) in _filesystems.items() if made_under != current]:
+            del _filesystems[key]
+
+
+# A forked child (a warm pool's runner or isolated child) starts with none: the parent's event loop
+# thread and connections do not survive the fork, and its clients were made for other invocations.
+os.register_at_fork(after_in_child=_filesystems.clear)
 
 
 def _s3_options() -> dict:
@@ -610,15 +638,14 @@ def _filesystem_class(protocol: str):
 
 
 def _filesystem(uri: str):
-    global _filesystems_pid
-    if _filesystems_pid != os.getpid():
-        # A forked child must not reuse the parent's event loop thread and connections.
-        _filesystems.clear()
-        _filesystems_pid = os.getpid()
+    import hashlib
+
     protocol = uri.split("://", 1)[0]
     filesystem_class, options = _implementation(uri, protocol)
-    key = (protocol, repr(sorted(options.items())))
-    fs = _filesystems.get(key)
+    credentials = _credentials_fingerprint()
+    # Hashed: the options may hold a secret key, which this dict's keys must not keep in the clear.
+    key = hashlib.sha256(f"{protocol}\0{sorted(options.items())!r}\0{credentials}".encode()).hexdigest()
+    _, fs = _filesystems.get(key, (None, None))
     if fs is None:
         try:
             fs = filesystem_class()(**options)
@@ -629,7 +656,7 @@ def _filesystem(uri: str):
             raise StorageError(uri, f"unsupported URI scheme '{protocol}://' ({e})") from e
         if protocol in ("s3", "s3a"):
             fs.retries = 1  # s3fs's own retry loop; ours is the only one (see _s3_options)
-        _filesystems[key] = fs
+        _filesystems[key] = (credentials, fs)
     return fs
 
 
@@ -645,7 +672,9 @@ def _implementation(uri: str, protocol: str) -> tuple[Callable, dict]:
         if use_obstore:
             deadline = _RetrySettings.from_env(uri).deadline
             return (lambda: obstore_s3.ObstoreS3), obstore_s3.settings(request_timeout=deadline)
-    return (lambda: _filesystem_class(protocol)), _options(protocol)
+    # fsspec keeps every instance in a class-level cache of its own, which would keep each
+    # invocation's credentials for good: ours (above) is the only one.
+    return (lambda: _filesystem_class(protocol)), {**_options(protocol), "skip_instance_cache": True}
 
 
 def _call(fs, method: str, args: tuple, kwargs: dict, timeout: float):

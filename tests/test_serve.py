@@ -389,12 +389,13 @@ def test_no_child_can_reach_another_invocations_env_or_secret(server, tmp_path):
 
 def test_an_in_process_runner_keeps_nothing_of_the_invocation_it_was_forked_for(server, tmp_path):
     # A runner is forked for the pool's first in-process invocation and then serves the next ones:
-    # what it inherited (the fork server's stack at that moment) must not hold that first invocation.
+    # neither what it inherited (the fork server's stack at that moment) nor what it kept of running
+    # it may hold that first invocation: its env, its secret, its id (its paths carry it).
     s = server("--concurrency", "1")
     head, tail = "leak-3b7d", "-90fa11c2"
     secret = security_pb2.Secret(group="api", key="token", env_var="MY_TOKEN")
     with_secret = ["--task-template", str(_template(tmp_path / "t.pb", secrets=[secret]))]
-    first = s.run(invocation(tmp_path, "first", "add", {"a": 1, "b": 2}, isolation="inprocess", extra=with_secret,
+    first = s.run(invocation(tmp_path, f"first-{head}{tail}", "add", {"a": 1, "b": 2}, isolation="inprocess", extra=with_secret,
                              env={"FIRST_VALUE": head + tail + "-env", "_FSEC_API_TOKEN": head + tail + "-secret"}))
     assert first["result"]["outcome"] == "success"
     scan = s.run(invocation(tmp_path, "after-inprocess", "find_marker", {"head": head, "tail": tail}, isolation="inprocess"))
@@ -980,6 +981,27 @@ def test_flytekit_task_warm_matches_its_one_shot_run(tmp_path, flytekit_oracle):
 
 
 # --- object storage -----------------------------------------------------------------------------
+
+
+def test_an_in_process_runner_keeps_no_storage_client_of_an_earlier_invocations_credentials(server, tmp_path, moto_s3):
+    """A storage client holds the credentials it was made with. The next invocation on the same
+    runner, under other credentials, must not be able to reach them (nor be served with them)."""
+    from tests.helpers import pyflyte_execute_args, write_inputs
+
+    head, tail = "leak-c0de", "-4e11a9f3"
+    bucket = moto_s3.make_bucket()
+    s = server("--concurrency", "1")
+    inputs = write_inputs(tmp_path / "first" / "inputs.pb", {"a": 1, "b": 2}, {"a": int, "b": int})
+    moto_s3.put(bucket, "first/inputs.pb", inputs.read_bytes())
+    argv = pyflyte_execute_args(f"s3://{bucket}/first/inputs.pb", f"s3://{bucket}/first/out", TASKS, "add")
+    env = {**moto_s3.env, "FLYTE_AWS_SECRET_ACCESS_KEY": head + tail, "AWS_SECRET_ACCESS_KEY": head + tail}
+    first = s.run({"id": "first", "argv": argv, "env": env, "isolation": "inprocess"}, timeout=60)
+    assert first["result"]["outcome"] == "success", first["result"]
+    assert moto_s3.get(bucket, "first/out/outputs.pb")  # written through a client made with that secret
+    scan = s.run(invocation(tmp_path, "scan", "find_marker", {"head": head, "tail": tail}, env=moto_s3.env,
+                            isolation="inprocess"))
+    assert scan["worker_pid"] == first["worker_pid"]
+    assert output_value(tmp_path, "scan")["found"] == []
 
 
 def test_invocations_on_s3_in_forked_children_and_in_process(server, tmp_path, moto_s3):

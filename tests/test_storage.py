@@ -157,6 +157,22 @@ def test_flyte_aws_settings_become_obstore_settings(monkeypatch):
     assert settings["client_options"]["timeout"] == "60.000s"
 
 
+def test_aws_keys_in_os_environ_become_obstore_settings(monkeypatch):
+    # obstore would read AWS_* from the C-level environment, which isolation.environment() (a warm
+    # worker acting for an invocation) does not change: the keys are taken from os.environ instead.
+    from executor import obstore_s3
+    from executor.serve import isolation
+
+    for name in ("FLYTE_AWS_ACCESS_KEY_ID", "FLYTE_AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    invocation_env = {"AWS_ACCESS_KEY_ID": "AKID-of-it", "AWS_SECRET_ACCESS_KEY": "its-secret", "AWS_SESSION_TOKEN": "tok"}
+    with isolation.environment(invocation_env):
+        config = obstore_s3.settings(request_timeout=60)["config"]
+    assert (config["access_key_id"], config["secret_access_key"], config["session_token"]) == ("AKID-of-it", "its-secret", "tok")
+    assert "access_key_id" not in obstore_s3.settings(request_timeout=60)["config"]
+
+
 @pytest.mark.parametrize("env, expected", [
     ({}, "obstore"),
     ({"AWS_PROFILE": "dev"}, "s3fs"),  # profiles are botocore's; obstore cannot read them

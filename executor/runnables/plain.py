@@ -61,7 +61,10 @@ class PlainFunction:
     def session(self, invocation: Invocation):
         self._codec_ctx = literals.Context(raw_output_prefix=invocation.raw_output_prefix_or_default,
                                            enum_by_name=invocation.protocol == "flyte2")
-        yield self
+        try:
+            yield self
+        finally:  # this object is cached (loader): a warm runner's next invocation must not find these paths
+            self._codec_ctx = None
 
     def decode_inputs(self, literal_map: literals_pb2.LiteralMap) -> dict:
         given = literal_map.literals

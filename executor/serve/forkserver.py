@@ -182,31 +182,40 @@ class ForkServer:
                 self._tick(job, now)
 
     def _start_awaiting_runners(self) -> None:
-        """In-process jobs that found no idle runner: a runner forked for each from this frame, which
-        holds no invocation (the job is looked up by id only after the fork)."""
+        """In-process jobs that found no idle runner: runners forked for them first, from frames that
+        hold nothing of any invocation (not even an id), then the jobs launched."""
+        if not self.awaiting_runner:
+            return
+        error = self._fork_idle_runners(len(self.awaiting_runner))
         waiting, self.awaiting_runner = self.awaiting_runner, []
         for job_id in waiting:
-            error = None
-            if self._idle_runner() is None:
-                try:
-                    self._fork_runner(one_shot=False, relay=True)
-                except OSError as e:
-                    error = e
             self._launch_awaiting_runner(job_id, error)
+
+    def _fork_idle_runners(self, count: int) -> OSError | None:
+        idle = sum(1 for pid, r in self.runners.items() if self._is_idle_runner(pid, r))
+        try:
+            for _ in range(count - idle):
+                self._fork_runner(one_shot=False, relay=True)
+        except OSError as e:
+            return e
+        return None
 
     def _launch_awaiting_runner(self, job_id: str, fork_error: OSError | None) -> None:
         job = self.jobs.get(job_id)
         if job is None or job.attempt is not None:
             return
-        if fork_error is None:
+        if fork_error is None or self._idle_runner() is not None:
             return self._launch_awaiting(job)
         failure = TaskFailure("SYSTEM", f"the warm worker could not start a runner: {fork_error}", cause=fork_error)
         failure.phase = "queue"
         self._finish(job, execute.Attempt("failure", job.task_name, failure))
 
     def _idle_runner(self) -> Runner | None:
-        return next((r for pid, r in self.runners.items() if not r.one_shot and pid not in self.busy
-                     and not r.retiring and not r.proc.exited), None)
+        return next((r for pid, r in self.runners.items() if self._is_idle_runner(pid, r)), None)
+
+    def _is_idle_runner(self, pid: int, runner: Runner) -> bool:
+        """An in-process runner that can take an invocation now."""
+        return not runner.one_shot and pid not in self.busy and not runner.retiring and not runner.proc.exited
 
     def _on_sigterm(self, signum, frame) -> None:
         self.sigterm = True  # acted on in the loop (the wakeup fd woke it)

@@ -68,6 +68,9 @@ def environment(env: dict[str, str], tmpdir: str | None = None):
 def enter(view: View) -> None:
     """In the process about to run the invocation's attempt."""
     _replace_environ(view.env)
+    from executor import storage
+
+    storage.forget_other_credentials()  # an in-process runner's clients of its previous invocation
     os.chdir(view.cwd)
     tempfile.tempdir = view.tmpdir
     logs._redactions[:] = view.redactions

@@ -90,31 +90,30 @@ def _loop(job_r: int, reporter: watch.Reporter, one_shot: bool, results_fd: int 
         import socket
 
         results = socket.socket(fileno=results_fd)
-    while True:
-        message = _read_frame(job_r)
-        if message is None:
-            return
-        view: isolation.View = message["view"]
-        isolation.enter(view)
-        extra = None if one_shot else _runner_memory
-        diagnostics = Diagnostics()
-        try:
-            attempt = watch.run_reported_attempt(
-                reporter, message["invocation"], attempt_no=message["attempt_no"],
-                prev_checkpoint=message["prev_checkpoint"], checkpoint_local=message["checkpoint_local"], extra=extra,
-                diagnostics=diagnostics,
-            )
-            direct = message.get("direct")
-            if results is not None and direct and attempt.outcome == "success" and attempt.failure is None:
-                _send_direct(results, direct, message["invocation"], attempt, diagnostics)
-        finally:
-            if not one_shot:
-                sys.path[:] = base_path
-                os.chdir(base_cwd)
-                logs._context = {}
-                execute.phase_listener = None
-        if one_shot:
-            return
+    while _run_next(job_r, reporter, one_shot, results) and not one_shot:
+        sys.path[:] = base_path
+        os.chdir(base_cwd)
+        logs._context = {}
+        execute.phase_listener = None
+
+
+def _run_next(job_r: int, reporter: watch.Reporter, one_shot: bool, results) -> bool:
+    """Read and run one attempt (False at the end of input). A frame of its own: once it returns,
+    nothing of this invocation is left in the runner's locals for the next one to find."""
+    message = _read_frame(job_r)
+    if message is None:
+        return False
+    isolation.enter(message["view"])
+    diagnostics = Diagnostics()
+    attempt = watch.run_reported_attempt(
+        reporter, message["invocation"], attempt_no=message["attempt_no"],
+        prev_checkpoint=message["prev_checkpoint"], checkpoint_local=message["checkpoint_local"],
+        extra=None if one_shot else _runner_memory, diagnostics=diagnostics,
+    )
+    direct = message.get("direct")
+    if results is not None and direct and attempt.outcome == "success" and attempt.failure is None:
+        _send_direct(results, direct, message["invocation"], attempt, diagnostics)
+    return True
 
 
 def _send_direct(results, direct: dict, invocation, attempt, diagnostics: Diagnostics) -> None:
