@@ -559,9 +559,23 @@ def forget_other_credentials() -> None:
             del _filesystems[key]
 
 
-# A forked child (a warm pool's runner or isolated child) starts with none: the parent's event loop
-# thread and connections do not survive the fork, and its clients were made for other invocations.
-os.register_at_fork(after_in_child=_filesystems.clear)
+def _drop_inherited_clients() -> None:
+    """In a forked child: none of the parent's clients (its event loop thread and connections did not
+    survive the fork, and a warm pool's were made for other invocations). They are dropped without
+    being closed: closing one waits on that dead event loop (s3fs's finalizer blocks ~1 s)."""
+    if not _filesystems:
+        return
+    import weakref
+
+    inherited = {id(fs) for _, fs in _filesystems.values()}  # still referenced: none is freed (and finalized) yet
+    for finalizer in list(weakref.finalize._registry):  # noqa: SLF001 - the only way to reach them
+        referent = finalizer.peek()
+        if referent is not None and id(referent[0]) in inherited:
+            finalizer.detach()
+    _filesystems.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_clients)
 
 
 def _s3_options() -> dict:

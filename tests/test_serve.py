@@ -35,9 +35,10 @@ def server(tmp_path):
         s.kill()
 
 
-def _template(path: Path, secrets=(), env=None) -> Path:
+def _template(path: Path, secrets=(), env=None, retries: int = 0) -> Path:
     t = tasks_pb2.TaskTemplate()
     t.id.name = "sample"
+    t.metadata.retries.retries = retries
     for k, v in (env or {}).items():
         t.container.env.add(key=k, value=v)
     t.security_context.secrets.extend(secrets)
@@ -387,6 +388,26 @@ def test_no_child_can_reach_another_invocations_env_or_secret(server, tmp_path):
     assert {name: output_value(tmp_path, name)["found"] for name in names} == {name: [] for name in names}
 
 
+def test_a_retry_forked_while_others_run_finds_none_of_them(server, tmp_path):
+    # A retry of an invocation with secrets gets a child forked for it by the fork server's tick of
+    # every job: nothing of the other jobs (not even their ids) may be on the stack it inherits.
+    s = server("--concurrency", "4")
+    head, tail = "leak-91ab", "-3c5d7e0f"
+    holder_id = f"holder-{head}{tail}"
+    assert s.post(invocation(tmp_path, holder_id, "until_released", {"seconds": 120.0},
+                             env=scratch_env(tmp_path, "holder")))[0] == 202
+    wait_for(lambda: (tmp_path / "scratch-holder" / "started").exists(), what="the holder to start")
+    secret = security_pb2.Secret(group="api", key="token", env_var="MY_TOKEN")
+    with_secret = ["--task-template", str(_template(tmp_path / "t.pb", secrets=[secret], retries=1))]
+    record = s.run(invocation(tmp_path, "retried", "find_marker_on_retry", {"head": head, "tail": tail}, extra=with_secret,
+                              env={"_FSEC_API_TOKEN": "its-own", "EXECUTOR_RETRY_BASE_DELAY": "0.05",
+                                   **scratch_env(tmp_path, "retried")}))
+    assert s.get(holder_id)[1]["state"] == "running"
+    (tmp_path / "scratch-holder" / "release").touch()
+    assert record["result"]["attempts"] == 2, record["result"]
+    assert output_value(tmp_path, "retried")["found"] == []
+
+
 def test_an_in_process_runner_keeps_nothing_of_the_invocation_it_was_forked_for(server, tmp_path):
     # A runner is forked for the pool's first in-process invocation and then serves the next ones:
     # neither what it inherited (the fork server's stack at that moment) nor what it kept of running
@@ -413,7 +434,17 @@ def test_a_spare_keeps_nothing_of_the_invocation_it_rehearsed(server, tmp_path):
         s.run(invocation(tmp_path, f"warm{i}", "add", {"a": 1, "b": 2}))
     earlier = f"earlier-{head}{tail}"
     assert s.run(invocation(tmp_path, earlier, "add", {"a": 1, "b": 2}))["result"]["outcome"] == "success"
-    time.sleep(0.5)  # the spares refilled: the next one rehearsed the invocation above
+
+    def spares() -> list:  # the zygote's children: the fork server's only child with children of its own
+        import psutil
+
+        (forkserver,) = psutil.Process(s.proc.pid).children()
+        zygotes = [p for p in forkserver.children() if p.children()]
+        return zygotes[0].children() if len(zygotes) == 1 else []
+
+    # The spare made after `earlier` took one: the newest, the one the scan gets, rehearsed `earlier`.
+    wait_for(lambda: len(spares()) == 2, what="the spares to be refilled")
+    time.sleep(0.2)  # the fork server has heard of it
     s.run(invocation(tmp_path, "scan", "find_marker", {"head": head, "tail": tail}))
     assert output_value(tmp_path, "scan")["found"] == []
 

@@ -157,6 +157,31 @@ def test_flyte_aws_settings_become_obstore_settings(monkeypatch):
     assert settings["client_options"]["timeout"] == "60.000s"
 
 
+def test_a_forked_child_drops_the_parents_clients_without_closing_them(monkeypatch):
+    # Closing an inherited s3fs client waits on the parent's event loop thread, which the fork did
+    # not copy (about 1 s, in every child that used storage or collected garbage).
+    import weakref
+
+    monkeypatch.setattr(storage, "_filesystems", {})
+    for name, value in {"EXECUTOR_S3_CLIENT": "s3fs", "FLYTE_AWS_ENDPOINT": "http://127.0.0.1:9",
+                        "FLYTE_AWS_ACCESS_KEY_ID": "a", "FLYTE_AWS_SECRET_ACCESS_KEY": "b"}.items():
+        monkeypatch.setenv(name, value)
+    fs = storage._filesystem("s3://bucket/key")
+    fs.connect()  # what registers s3fs's closing finalizer
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            live = [f for f in list(weakref.finalize._registry) if (p := f.peek()) is not None and p[0] is fs]
+            os.write(w, f"{len(storage._filesystems)} {len(live)}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    assert os.read(r, 100) == b"0 0"  # no client inherited, and nothing left to close one
+    assert [f for f in list(weakref.finalize._registry) if (p := f.peek()) is not None and p[0] is fs]  # the parent's still is
+
+
 def test_aws_keys_in_os_environ_become_obstore_settings(monkeypatch):
     # obstore would read AWS_* from the C-level environment, which isolation.environment() (a warm
     # worker acting for an invocation) does not change: the keys are taken from os.environ instead.

@@ -106,6 +106,7 @@ class ForkServer:
         self.awaiting: list[Job] = []  # isolated jobs waiting for the zygote's next spare
         self.awaiting_runner: list[str] = []  # ids of in-process jobs waiting for a runner forked by the loop
         self._inbox: collections.deque[dict] = collections.deque()  # the server's messages, not yet handled
+        self._to_tick: collections.deque[str] = collections.deque()  # ids of the jobs _tick_all has yet to tick
         self.template = None  # the last invocation launched: what a spare rehearses
         self.warm = False
         self.bundle_root: str | None = None
@@ -149,10 +150,17 @@ class ForkServer:
             shutil.rmtree(spare, ignore_errors=True)
 
     def _tick_all(self, now: float) -> None:
-        for job_id in list(self.jobs):  # by id: a list of jobs would sit on the stack of a retry's fork
-            if (job := self.jobs.get(job_id)) is not None:
-                self._tick(job, now)
+        # One id at a time off a queue kept on this object (which a forked child forgets): a list
+        # here would sit on the stack of a retry's fork, every invocation's id in it.
+        self._to_tick.extend(self.jobs)
+        while self._to_tick:
+            self._tick_by_id(self._to_tick.popleft(), now)
         self._close_drained(now)
+
+    def _tick_by_id(self, job_id: str, now: float) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None:
+            self._tick(job, now)
 
     def _wait_and_dispatch(self, now: float) -> None:
         owners = self._fd_owners()
@@ -205,8 +213,12 @@ class ForkServer:
         if job is None or job.attempt is not None:
             return
         if fork_error is None or self._idle_runner() is not None:
-            return self._launch_awaiting(job)
-        failure = TaskFailure("SYSTEM", f"the warm worker could not start a runner: {fork_error}", cause=fork_error)
+            try:
+                return self._launch_awaiting(job)
+            except Exception as e:  # a bug of ours: still one error document, never a lost invocation
+                failure = TaskFailure("SYSTEM", f"internal error in the warm worker: {type(e).__name__}: {e}", cause=e)
+        else:
+            failure = TaskFailure("SYSTEM", f"the warm worker could not start a runner: {fork_error}", cause=fork_error)
         failure.phase = "queue"
         self._finish(job, execute.Attempt("failure", job.task_name, failure))
 
@@ -666,10 +678,12 @@ class ForkServer:
         if running and self.spares and not self.awaiting:
             return
         want = (0 if self.exiting else min(MAX_SPARES, 2 + running)) + len(self.awaiting)
-        # A spare someone already waits for skips the rehearsal: it would only make them wait longer.
-        template = None if self.awaiting else runner_module.rehearsal_copy(self.template)
-        for _ in range(want - len(self.spares) - self.zygote.pending):
-            self.zygote.request_spare(template, self.work_dir)
+        missing = want - len(self.spares) - self.zygote.pending
+        if missing > 0:
+            # A spare someone already waits for skips the rehearsal: it would only make them wait longer.
+            template = None if self.awaiting else runner_module.rehearsal_copy(self.template)
+            for _ in range(missing):
+                self.zygote.request_spare(template, self.work_dir)
 
     def _fork_runner(self, one_shot: bool, relay: bool, rehearse=None) -> Runner:
         results_fd = -1 if one_shot else self.results_fd
@@ -706,6 +720,7 @@ class ForkServer:
         self.awaiting_runner = []
         self.template = None
         self._inbox = collections.deque()
+        self._to_tick = collections.deque()
         self._redaction_refs = {}
         self.channel.discard_buffers()
 

@@ -201,6 +201,16 @@ def forge_results(x: int) -> int:
     return found + x
 
 
+def find_marker_on_retry(head: str, tail: str) -> dict:
+    """Fails its first attempt (recoverably); the retry scans as find_marker does."""
+    path = _scratch("attempts")
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write("1")
+        raise FlyteRecoverableException("the first attempt fails; the retry scans")
+    return find_marker(head, tail)
+
+
 def find_marker(head: str, tail: str) -> dict:
     """Where this process holds a string (or bytes) containing head + tail: every object reachable
     from the modules, from each thread's frames (their locals, up the whole stack this process
