@@ -102,6 +102,44 @@ def test_unsafe_members_are_refused(tmp_path, member, reason):
     assert not (tmp_path / "outside.py").exists()
 
 
+def test_an_archive_of_dot_and_names_with_a_colon_are_extracted(tmp_path):
+    # `tar -czf b.tar.gz -C src .` writes the root as "." and every path under "./"; on POSIX
+    # "a:b.txt" is a file name like any other.
+    src = _tree(tmp_path / "src", {"pkg/mod.py": b"v = 1\n", "a:b.txt": b"colon\n"})
+    path = tmp_path / "dot.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(src, arcname=".")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    extracted = archive.extract(str(path), str(dest))
+    assert sorted(extracted.files) == ["a:b.txt", "pkg/mod.py"]
+    assert (dest / "pkg" / "mod.py").read_bytes() == b"v = 1\n" and (dest / "a:b.txt").read_bytes() == b"colon\n"
+
+
+@pytest.mark.parametrize("members, culprits", [
+    # a file where a directory must be (which of the two is named depends on which is created first:
+    # files are written by other threads)
+    ([(_info("a"), b"x"), (_info("a/b"), b"y")], ("a", "a/b")),
+    ([(_info("a"), b"x"), (_info("a", tarfile.DIRTYPE), None)], ("a",)),  # a directory over a file
+    ([(_info("/".join(["d"] * 300) + "/f"), b"x")], ("/".join(["d"] * 300) + "/f",)),  # deeper than makedirs goes
+])
+def test_a_member_that_cannot_be_created_is_refused_by_name(tmp_path, members, culprits):
+    path = _malicious(tmp_path, *members)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UnsafeBundle) as info:
+        archive.extract(path, str(dest))
+    assert info.value.member in culprits
+
+
+def test_a_hard_link_copy_is_read_only_like_every_file_of_an_entry(tmp_path):
+    path = _malicious(tmp_path, (_info("real.py"), b"v = 1\n"), (_info("copy.py", tarfile.LNKTYPE, "real.py"), None))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    archive.extract(path, str(dest))
+    assert stat.S_IMODE(os.stat(dest / "copy.py").st_mode) == stat.S_IMODE(os.stat(dest / "real.py").st_mode) == 0o444
+
+
 def test_symlink_dot_then_dotdot_escape_is_refused(tmp_path):
     # 'here' -> '.' is harmless alone; 'here/..' lexically stays inside but really is the parent
     path = _malicious(tmp_path, (_info("here", tarfile.SYMTYPE, "."), None),

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -217,15 +218,15 @@ def test_entry_whose_marker_records_nothing_verified_is_rebuilt_under_strict(tmp
     assert BundleCache(str(root)).ensure(BundleRef(bundle, policy="strict")).hit
 
 
-@pytest.mark.parametrize("recorded", [True, False], ids=["md5-recorded", "md5-not-recorded"])
-def test_archive_md5_from_the_environment_is_checked_on_a_hit(tmp_path, monkeypatch, recorded):
+@pytest.mark.parametrize("given", [True, False], ids=["md5-given", "no-md5-given"])
+def test_archive_md5_from_the_environment_is_checked_on_a_hit(tmp_path, monkeypatch, given):
     from executor.bundle import inject
 
     path = _bundle(tmp_path, FILES)
     monkeypatch.setenv("EXECUTOR_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(sys, "path", list(sys.path))
-    # Without an md5 to check, a local archive is not hashed: the marker records none.
-    first = inject.inject(path, None, archive_md5=_md5(path) if recorded else None)
+    # Given an md5 to check or not, a local archive is hashed on the way and its md5 recorded.
+    first = inject.inject(path, None, archive_md5=_md5(path) if given else None)
     assert not first.hit
     monkeypatch.setenv("EXECUTOR_BUNDLE_MD5", "0" * 32)
     with pytest.raises(TaskFailure) as failure:
@@ -235,6 +236,95 @@ def test_archive_md5_from_the_environment_is_checked_on_a_hit(tmp_path, monkeypa
     monkeypatch.setenv("EXECUTOR_BUNDLE_MD5", _md5(path))
     again = inject.inject(path, None)
     assert again.hit and "given archive md5" in again.verified
+
+
+@pytest.mark.parametrize("value", ["../../../../outside", "zz/" + "0" * 29, "0" * 31, "g" * 32])
+def test_a_given_archive_md5_that_is_not_one_is_refused_before_it_names_anything(tmp_path, monkeypatch, value):
+    # It names a cache entry (and its lock files): never a path, never a second entry for one archive.
+    from executor.bundle import inject
+
+    path = _bundle(tmp_path, FILES)
+    monkeypatch.setenv("EXECUTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("EXECUTOR_BUNDLE_MD5", value)
+    with pytest.raises(TaskFailure) as failure:
+        inject.inject(path, None)
+    assert failure.value.code == "TEMPLATE_INVALID" and "EXECUTOR_BUNDLE_MD5" in str(failure.value)
+    with pytest.raises(TaskFailure) as failure:
+        inject.inject(path, None, archive_md5=value)
+    assert failure.value.code == "TEMPLATE_INVALID" and "--bundle-md5" in str(failure.value)
+    assert not (tmp_path / "cache").exists()  # refused before the cache was touched
+
+
+def test_an_upper_case_archive_md5_names_the_same_entry(tmp_path, monkeypatch):
+    from executor.bundle import inject
+
+    path = _bundle(tmp_path, FILES)
+    monkeypatch.setenv("EXECUTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    first = inject.inject(path, None, archive_md5=_md5(path))
+    again = inject.inject(path, None, archive_md5=_md5(path).upper())
+    assert again.hit and again.root == first.root
+
+
+def test_a_hit_checks_a_given_md5_against_the_archive_it_was_built_from_not_the_file_now(tmp_path, monkeypatch):
+    # The entry was built from one archive; the file at that path is then replaced by another with
+    # the same name. Given the new file's md5, a hit must not vouch for the old tree.
+    from executor.bundle import inject
+
+    path = _bundle(tmp_path, FILES)
+    monkeypatch.setenv("EXECUTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    built_from = _md5(path)
+    assert not inject.inject(path, None).hit
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(_bundle(other, {**FILES, "pkg0/mod0.py": b"x = 'changed'\n"}), path)
+    assert _md5(path) != built_from
+    with pytest.raises(TaskFailure) as failure:
+        inject.inject(path, None, archive_md5=_md5(path))
+    assert failure.value.code == "BUNDLE_INTEGRITY"
+    assert f"archive md5 is {built_from}, expected {_md5(path)}" in str(failure.value)
+
+
+@pytest.mark.parametrize("linkname", ["missing.py", "loop", "pkg"], ids=["dangling", "loop", "to-a-directory"])
+def test_a_link_the_name_digest_cannot_read_refuses_the_bundle_naming_it(tmp_path, linkname):
+    # With a link in it, the digest is computed over the extracted tree, reading through links as
+    # flytekit does: a link that cannot be read so is the bundle's fault (not a failed fetch to retry).
+    path = tmp_path / ("fast" + "0" * 32 + ".tar.gz")
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in (("pkg/mod.py", b"v = 1\n"),):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("loop" if linkname == "loop" else "link")
+        link.type, link.linkname = tarfile.SYMTYPE, linkname
+        tar.addfile(link)
+    with pytest.raises(TaskFailure) as failure:
+        BundleCache(str(tmp_path / "cache")).ensure(BundleRef(str(path)))
+    assert failure.value.code == "BUNDLE_UNSAFE" and failure.value.kind.name == "NON_RECOVERABLE"
+    assert f"member {link.name!r}" in str(failure.value)
+    assert _leftovers(tmp_path / "cache") == []
+
+
+def test_the_sweep_removes_old_leftovers_but_never_a_build_still_running(tmp_path):
+    # A staging dir's mtime changes only when a top-level entry is added: an hour-long build looks
+    # abandoned. Its builder's lock says otherwise.
+    bundles = BundleCache(str(tmp_path / "cache"))
+    staging = tmp_path / "cache" / "staging"
+    running, abandoned = staging / "k.running", staging / "k.abandoned"
+    for d in (running, abandoned):
+        (d / "pkg").mkdir(parents=True)
+        (d / "pkg" / "mod.py").write_text("x = 1\n")
+        os.utime(d, (time.time() - 7200, time.time() - 7200))
+    held = cache._hold(str(running))  # as _extract_and_publish holds its staging dir
+    try:
+        bundles._sweep_leftovers()
+        assert sorted(os.listdir(staging)) == ["k.running"] and (running / "pkg" / "mod.py").exists()
+    finally:
+        os.close(held)
+    bundles._sweep_leftovers()  # its builder is gone
+    assert os.listdir(staging) == []
 
 
 def test_bundle_without_a_key_hits_its_entry_in_use_instead_of_rebuilding_it(tmp_path):

@@ -6,6 +6,7 @@ UnsafeBundle naming the member; the caller extracts into a staging directory and
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -102,14 +103,17 @@ def build(source: str, out_dir: str) -> str:
 
 
 def _member_path(name: str) -> str:
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+    """The member's path relative to the root; "" for the root itself (`.`, `./`: `tar -C src .`)."""
+    if name.startswith("/"):
         raise UnsafeBundle(name, "absolute path")
+    if "\0" in name:
+        raise UnsafeBundle(name, "NUL byte in the path")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise UnsafeBundle(name, "path contains '..'")
-    if not parts:
-        raise UnsafeBundle(name, "empty path")
-    return os.path.join(*parts)
+    if len(parts) > MAX_DEPTH:
+        raise UnsafeBundle(name, f"nested deeper than {MAX_DEPTH} directories")
+    return os.path.join(*parts) if parts else ""
 
 
 def _inside(root_real: str, path: str) -> bool:
@@ -165,6 +169,10 @@ def extract(archive_path, dest: str, limits: Limits | None = None, hash_archive:
                 ContentHasher(background=threaded, expected_bytes=compressed) as hasher:
             for member in tarstream.members(stream):
                 rel = _member_path(member.name)
+                if not rel:
+                    if member.isdir():
+                        continue  # the root itself, as `tar -czf b.tar.gz -C src .` writes it
+                    raise UnsafeBundle(member.name, "empty path")
                 target = os.path.join(dest, rel)
                 if member.mode & (stat.S_ISUID | stat.S_ISGID):
                     raise UnsafeBundle(member.name, "setuid/setgid bit")
@@ -179,61 +187,67 @@ def extract(archive_path, dest: str, limits: Limits | None = None, hash_archive:
                 members += 1
                 if members > limits.max_files:
                     raise UnsafeBundle(member.name, f"more than {limits.max_files} files and directories (EXECUTOR_BUNDLE_MAX_FILES)")
-                # Until a symlink exists in the staging tree, lexically clean paths cannot leave it. After,
-                # check where a path really leads before makedirs, which would follow a link outside
-                # (realpath resolves the part that exists; the rest, free of '..', cannot climb out).
-                parent = os.path.dirname(target)
-                if links and not _inside(root_real, parent):
-                    raise UnsafeBundle(member.name, "its directory leads outside the bundle through a symlink")
-                if parent not in made_dirs:
-                    os.makedirs(parent, exist_ok=True)
-                    made_dirs.add(parent)
-                if member.isdir():
-                    if target not in made_dirs:
-                        if links and not _inside(root_real, target):
-                            raise UnsafeBundle(member.name, "leads outside the bundle through a symlink")
-                        os.makedirs(target, exist_ok=True)
-                        made_dirs.add(target)
-                    continue
-                files.append(rel)
-                if member.issym():
-                    streaming = False
-                    if os.path.isabs(member.linkname):
-                        raise UnsafeBundle(member.name, f"symlink to an absolute path {member.linkname!r}")
-                    writers.wait()
-                    _create(lambda: os.symlink(member.linkname, target), member.name)
-                    links.append(target)
-                    if not _inside(root_real, target):
-                        raise UnsafeBundle(member.name, f"symlink {member.linkname!r} points outside the bundle")
-                    continue
-                if member.islnk():
-                    streaming = False
-                    try:
-                        source = os.path.join(dest, _member_path(member.linkname))
-                    except UnsafeBundle as e:
-                        raise UnsafeBundle(member.name, f"hard link target {member.linkname!r}: {e.reason}") from None
-                    writers.wait()  # the source must be complete
-                    if not _inside(root_real, source) or not os.path.isfile(source):
-                        raise UnsafeBundle(member.name, f"hard link to {member.linkname!r}, which is not a file of the bundle")
-                    if os.path.lexists(target):
-                        raise UnsafeBundle(member.name, "appears twice in the archive")
-                    total += os.path.getsize(source)  # written out as a copy: its bytes count like a file's
-                    _check_size(member.name, total, compressed, limits)
-                    import shutil  # hard links only: shutil pulls in bz2 and lzma
+                try:
+                    # Until a symlink exists in the staging tree, lexically clean paths cannot leave it. After,
+                    # check where a path really leads before makedirs, which would follow a link outside
+                    # (realpath resolves the part that exists; the rest, free of '..', cannot climb out).
+                    parent = os.path.dirname(target)
+                    if links and not _inside(root_real, parent):
+                        raise UnsafeBundle(member.name, "its directory leads outside the bundle through a symlink")
+                    if parent not in made_dirs:
+                        os.makedirs(parent, exist_ok=True)
+                        made_dirs.add(parent)
+                    if member.isdir():
+                        if target not in made_dirs:
+                            if links and not _inside(root_real, target):
+                                raise UnsafeBundle(member.name, "leads outside the bundle through a symlink")
+                            os.makedirs(target, exist_ok=True)
+                            made_dirs.add(target)
+                        continue
+                    files.append(rel)
+                    if member.issym():
+                        streaming = False
+                        if os.path.isabs(member.linkname):
+                            raise UnsafeBundle(member.name, f"symlink to an absolute path {member.linkname!r}")
+                        writers.wait()
+                        _create(lambda: os.symlink(member.linkname, target), member.name)
+                        links.append(target)
+                        if not _inside(root_real, target):
+                            raise UnsafeBundle(member.name, f"symlink {member.linkname!r} points outside the bundle")
+                        continue
+                    if member.islnk():
+                        streaming = False
+                        try:
+                            source = os.path.join(dest, _member_path(member.linkname))
+                        except UnsafeBundle as e:
+                            raise UnsafeBundle(member.name, f"hard link target {member.linkname!r}: {e.reason}") from None
+                        writers.wait()  # the source must be complete
+                        if not _inside(root_real, source) or not os.path.isfile(source):
+                            raise UnsafeBundle(member.name, f"hard link to {member.linkname!r}, which is not a file of the bundle")
+                        if os.path.lexists(target):
+                            raise UnsafeBundle(member.name, "appears twice in the archive")
+                        total += os.path.getsize(source)  # written out as a copy: its bytes count like a file's
+                        _check_size(member.name, total, compressed, limits)
+                        import shutil  # hard links only: shutil pulls in bz2 and lzma
 
-                    shutil.copyfile(source, target)
-                    continue
-                total += member.size
-                _check_size(member.name, total, compressed, limits)
-                key = target  # flytekit sorts absolute paths; same prefix, so this orders like the digest
-                if streaming and key <= previous_key:
-                    streaming = False
-                previous_key = key
-                stream.seek(member.offset_data)
-                _hand_over(writers, (target, 0o555 if member.mode & 0o111 else 0o444, member.name),
-                           stream.views(member.size), hasher if streaming else None)
-                if streaming:
-                    hasher.end_file(rel)
+                        shutil.copyfile(source, target)
+                        os.chmod(target, stat.S_IMODE(os.stat(source).st_mode))  # read-only, as every file of an entry
+                        continue
+                    total += member.size
+                    _check_size(member.name, total, compressed, limits)
+                    key = target  # flytekit sorts absolute paths; same prefix, so this orders like the digest
+                    if streaming and key <= previous_key:
+                        streaming = False
+                    previous_key = key
+                    stream.seek(member.offset_data)
+                    _hand_over(writers, (target, 0o555 if member.mode & 0o111 else 0o444, member.name),
+                               stream.views(member.size), hasher if streaming else None)
+                    if streaming:
+                        hasher.end_file(rel)
+                except OSError as e:
+                    if e.errno not in _MEMBER_ERRNOS:
+                        raise  # the disk's (full, read-only, failing), not the member's
+                    raise UnsafeBundle(member.name, f"cannot be created: {e.strerror or e}") from None
             stream.finish()
             writers.wait()
             digest = hasher.hexdigest() if streaming else None
@@ -247,6 +261,12 @@ def extract(archive_path, dest: str, limits: Limits | None = None, hash_archive:
             raise UnsafeBundle(os.path.relpath(link, dest), "symlink points outside the bundle")
     files.sort(key=lambda rel: os.path.join(dest, rel))
     return Extracted(files, total, digest, archive_hasher.hexdigest() if archive_hasher is not None else None)
+
+
+# What a member itself causes: it clashes with an earlier one (a file where a directory must be,
+# or the reverse), its name is too long, it loops through links. Anything else is the disk's.
+_MEMBER_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL, errno.ENOENT}
+MAX_DEPTH = 256  # directories a member path may nest (os.makedirs recurses once per level)
 
 
 def _check_size(name: str, total: int, compressed: int, limits: Limits) -> None:

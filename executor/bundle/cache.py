@@ -146,8 +146,9 @@ class BundleCache:
             if not verified:
                 return None  # published unverified (an older executor under off): rebuilt, and verified
             if ref.archive_md5:
-                # Downloads always record the archive md5; a local archive checked by nothing was not hashed.
-                archive_md5 = marker.get("archive_md5") or _local_md5(ref)
+                # Every build records the md5 of the archive it extracted (an older executor's local
+                # builds did not: rebuilt). Never the archive as it is now, which may not be what was built.
+                archive_md5 = marker.get("archive_md5")
                 if archive_md5 is None:
                     return None
                 checked, _ = self._verify_archive(ref, archive_md5, None)  # a mismatch fails as on a miss
@@ -256,12 +257,14 @@ class BundleCache:
         archive is a GrowingFile): it returns (archive_md5, stored) once the download is complete,
         checked before anything is published. Neither (a local file): hashed while extracting if
         there is an md5 to check, and checked before anything is published."""
-        # A local archive is hashed on the way only if there is an md5 to check it against or to name the entry by.
-        hash_archive = archive_md5 is None and downloaded is None and bool(ref.archive_md5 or not key)
+        # A local archive is hashed on the way (by the decompressing thread): its md5 is checked now if
+        # one is given, and recorded, so that a later hit given one checks what was built.
+        hash_archive = archive_md5 is None and downloaded is None
         if archive_md5 is not None:
             verified, unverified = self._verify_archive(ref, archive_md5, stored)
         staging = os.path.join(self.root, "staging", f"{key or 'bundle'}.{os.urandom(16).hex()}")
         os.makedirs(staging)
+        building = _hold(staging)  # however long the build takes, no other process's sweep removes it
         try:
             try:
                 extracted = self._extract(archive, staging, hash_archive)
@@ -278,9 +281,7 @@ class BundleCache:
                 archive_md5 = extracted.archive_md5  # None unless hash_archive
                 verified, unverified = self._verify_archive(ref, archive_md5, stored)
             if ref.name_digest and ref.policy != "off":
-                from executor.bundle.digest import content_digest
-
-                actual = extracted.content_digest or content_digest(staging, extracted.files, extracted.total_bytes)
+                actual = extracted.content_digest or _tree_digest(staging, extracted)
                 if actual != ref.name_digest:
                     raise TaskFailure(
                         "BUNDLE_INTEGRITY",
@@ -304,6 +305,7 @@ class BundleCache:
                 return self._publish(key, staging, extracted, archive_md5, verified, unverified)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            os.close(building)
 
     def _verify_archive(self, ref: BundleRef, archive_md5: str | None, stored: str | None) -> tuple[list[str], list[str]]:
         verified: list[str] = []
@@ -400,16 +402,25 @@ class BundleCache:
         return self._Lock(os.path.join(self.root, "locks", f"{name}.lock"))
 
     def _sweep_leftovers(self) -> None:
-        """Staging dirs and downloads older than an hour belong to killed processes."""
+        """Staging dirs and downloads older than an hour belong to killed processes, unless a live
+        process still holds its lock on one (a staging dir's mtime stays put while files are added
+        below its top level: a long build looks old)."""
         cutoff = time.time() - 3600
         for sub in ("staging", "downloads"):
             base = os.path.join(self.root, sub)
             for name in os.listdir(base):
                 path = os.path.join(base, name)
                 try:
-                    if os.path.getmtime(path) < cutoff:
+                    if os.path.getmtime(path) >= cutoff:
+                        continue
+                    held = _hold(path, wait=False)
+                    if held is None:
+                        continue  # being built
+                    try:
                         _make_writable(path)
                         shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+                    finally:
+                        os.close(held)
                 except OSError:
                     pass
 
@@ -483,12 +494,34 @@ def _lock_unused(fd: int, wait_s: float = 0.0) -> bool:
             time.sleep(0.01)
 
 
-def _local_md5(ref: BundleRef) -> str | None:
+def _tree_digest(staging: str, extracted) -> str:
+    """The name digest over the extracted tree (an archive with links, or out of order): what cannot
+    be read as flytekit reads it (a dangling or looping link, a name that is not UTF-8) is refused."""
+    from executor.bundle.digest import content_digest
+
     try:
-        path = storage.local_file(ref.uri)
-    except storage.StorageError:
+        return content_digest(staging, extracted.files, extracted.total_bytes)
+    except OSError as e:
+        member = os.path.relpath(e.filename, staging) if e.filename else "?"
+        raise TaskFailure("BUNDLE_UNSAFE", f"code bundle refused, member {member!r}: cannot be read to check its digest "
+                          f"({e.strerror or e})", hint="links in a bundle must lead to files of the bundle") from None
+    except UnicodeError as e:
+        raise TaskFailure("BUNDLE_UNSAFE", f"code bundle refused: a member's name is not UTF-8 ({e})") from None
+
+
+def _hold(path: str, wait: bool = True) -> int | None:
+    """An fd holding an exclusive lock on path (a directory or a file); without wait, None if another
+    process holds it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
         return None
-    return _file_md5(path) if path else None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _file_md5(path: str) -> str:

@@ -16,8 +16,21 @@ def verify_policy() -> str:
     return policy
 
 
+def archive_md5_given(archive_md5: str | None) -> str | None:
+    """The archive md5 to check (--bundle-md5, else EXECUTOR_BUNDLE_MD5), as 32 lower-case hex digits:
+    it names a cache entry, so anything else is refused, never used as a path."""
+    source, value = ("--bundle-md5", archive_md5) if archive_md5 else ("EXECUTOR_BUNDLE_MD5", os.environ.get("EXECUTOR_BUNDLE_MD5"))
+    value = (value or "").strip()
+    if not value:
+        return None
+    if len(value) != 32 or any(c not in "0123456789abcdef" for c in value.lower()):
+        raise TaskFailure("TEMPLATE_INVALID", f"{source}={value[:80]!r} is not an md5 (32 hexadecimal digits)",
+                          hint="give the archive's md5 as printed by md5sum, or leave it unset")
+    return value.lower()
+
+
 def inject(uri: str, dest_dir: str | None, archive_md5: str | None = None) -> Prepared:
-    ref = BundleRef(uri=uri, archive_md5=archive_md5 or os.environ.get("EXECUTOR_BUNDLE_MD5") or None, policy=verify_policy())
+    ref = BundleRef(uri=uri, archive_md5=archive_md5_given(archive_md5), policy=verify_policy())
     prepared = BundleCache().ensure(ref)
     # First on sys.path: nothing installed in the image may shadow the user's modules.
     sys.path.insert(0, prepared.root)
