@@ -140,6 +140,22 @@ def test_a_hard_link_copy_is_read_only_like_every_file_of_an_entry(tmp_path):
     assert stat.S_IMODE(os.stat(dest / "copy.py").st_mode) == stat.S_IMODE(os.stat(dest / "real.py").st_mode) == 0o444
 
 
+def test_pax_headers_count_toward_the_ratio_cap(tmp_path):
+    # Extended headers are decompressed like data: 20 members each behind 1 MB of pax comment make
+    # a ~20 MB expansion of a ~30 KB archive, past the ratio cap though no file is large.
+    path = tmp_path / "pax.tar.gz"
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(20):
+            info = tarfile.TarInfo(f"m{i}.py")
+            info.pax_headers = {"comment": "x" * 1_000_000}
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"x\n"))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UnsafeBundle, match="compression ratio"):
+        archive.extract(str(path), str(dest))
+
+
 def test_symlink_dot_then_dotdot_escape_is_refused(tmp_path):
     # 'here' -> '.' is harmless alone; 'here/..' lexically stays inside but really is the parent
     path = _malicious(tmp_path, (_info("here", tarfile.SYMTYPE, "."), None),

@@ -97,6 +97,20 @@ def test_global_pax_header_and_pax_size_override():
     assert [m[0] for m in _ours(data)] == ["renamed/by/pax.txt", "b.txt"]
 
 
+def test_only_the_pax_keywords_extraction_uses_are_kept():
+    # A global header of many keywords would otherwise be applied to every member (CPU) and kept (memory).
+    records = b"".join(_pax_record(f"junk{i}", "v") for i in range(1000))
+    records += _pax_record("path", "a/b.py") + _pax_record("GNU.sparse.major", "1") + _pax_record("GNU.sparse.minor", "0")
+    assert tarstream._pax_records(records, len(records)) == {"path": "a/b.py", "GNU.sparse.": ""}
+
+
+def _pax_record(keyword: str, value: str) -> bytes:
+    body = f" {keyword}={value}\n".encode()
+    length = len(body) + len(str(len(body)))
+    length = len(body) + len(str(length))
+    return str(length).encode() + body
+
+
 def test_pax_sparse_keys_mark_the_member_sparse():
     info = _info("sparse.bin", size=4)
     info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "sparse.bin",

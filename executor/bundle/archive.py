@@ -155,6 +155,7 @@ def extract(archive_path, dest: str, limits: Limits | None = None, hash_archive:
     compressed = max(os.path.getsize(archive_path) if isinstance(archive_path, str) else archive_path.size(), 1)
     root_real = os.path.realpath(dest)
     total = 0
+    extended = 0  # bytes of long-name and pax headers
     members = 0  # every member counts toward max_files, directories too: each creates something
     files: list[str] = []
     links: list[str] = []
@@ -184,6 +185,9 @@ def extract(archive_path, dest: str, limits: Limits | None = None, hash_archive:
                     raise UnsafeBundle(member.name, "sparse file")
                 if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
                     raise UnsafeBundle(member.name, f"unsupported member type {chr(member.type)!r}")
+                if member.extended_bytes:  # decompressed like any data: they count toward the caps
+                    extended += member.extended_bytes
+                    _check_size(member.name, total + extended, compressed, limits)
                 members += 1
                 if members > limits.max_files:
                     raise UnsafeBundle(member.name, f"more than {limits.max_files} files and directories (EXECUTOR_BUNDLE_MAX_FILES)")
@@ -227,14 +231,14 @@ def extract(archive_path, dest: str, limits: Limits | None = None, hash_archive:
                         if os.path.lexists(target):
                             raise UnsafeBundle(member.name, "appears twice in the archive")
                         total += os.path.getsize(source)  # written out as a copy: its bytes count like a file's
-                        _check_size(member.name, total, compressed, limits)
+                        _check_size(member.name, total + extended, compressed, limits)
                         import shutil  # hard links only: shutil pulls in bz2 and lzma
 
                         shutil.copyfile(source, target)
                         os.chmod(target, stat.S_IMODE(os.stat(source).st_mode))  # read-only, as every file of an entry
                         continue
                     total += member.size
-                    _check_size(member.name, total, compressed, limits)
+                    _check_size(member.name, total + extended, compressed, limits)
                     key = target  # flytekit sorts absolute paths; same prefix, so this orders like the digest
                     if streaming and key <= previous_key:
                         streaming = False

@@ -29,7 +29,7 @@ class TarError(ValueError):
 
 
 class Member:
-    __slots__ = ("name", "mode", "size", "type", "linkname", "offset_data", "sparse")
+    __slots__ = ("name", "mode", "size", "type", "linkname", "offset_data", "sparse", "extended_bytes")
 
     def __init__(self, name: str, mode: int, size: int, type_: int, linkname: str):
         self.name = name
@@ -39,6 +39,7 @@ class Member:
         self.linkname = linkname
         self.offset_data = 0
         self.sparse = type_ == 0x53  # "S": old GNU sparse; pax GNU.sparse.* keys set it too
+        self.extended_bytes = 0  # of the long-name and pax headers read before it (they expand too)
 
     def isreg(self) -> bool:
         return self.type in _REGULAR
@@ -90,6 +91,7 @@ def _read_member(stream, global_pax: dict[str, str], first: bool) -> Member | No
     """The next member, with the long names and pax headers before it applied; None at the end."""
     long_name = long_link = None
     pax: dict[str, str] | None = None
+    extended = 0
     while True:
         buf = stream.read(BLOCK)
         if len(buf) < BLOCK:
@@ -105,6 +107,8 @@ def _read_member(stream, global_pax: dict[str, str], first: bool) -> Member | No
         kind = member.type
         if kind in (0x4C, 0x4B, 0x78, 0x58, 0x67) and member.size > MAX_EXTENDED_BYTES:
             raise TarError(f"extended header of {member.size} bytes (more than {MAX_EXTENDED_BYTES})")
+        if kind in (0x4C, 0x4B, 0x78, 0x58, 0x67):
+            extended += member.size
         if kind in (0x4C, 0x4B):  # "L", "K": GNU long name or link target in the data blocks
             data = _nts(stream.read(_blocks(member.size)))
             if kind == 0x4C:
@@ -120,6 +124,7 @@ def _read_member(stream, global_pax: dict[str, str], first: bool) -> Member | No
                 pax = {**(pax or {}), **records}
             continue
         member.offset_data = stream.tell()
+        member.extended_bytes = extended
         if long_name is not None:
             member.name = long_name.rstrip("/") if member.isdir() else long_name
         if long_link is not None:
@@ -169,8 +174,13 @@ def _apply_pax(member: Member, headers: dict[str, str]) -> None:
             member.sparse = True
 
 
+_PAX_USED = ("path", "linkpath", "size")  # and GNU.sparse.*, kept as one key: nothing else is read
+
+
 def _pax_records(buf: bytes, size: int) -> dict[str, str]:
-    """`<length> <keyword>=<value>\\n` records, as tarfile reads them (UTF-8, undecodable bytes kept)."""
+    """`<length> <keyword>=<value>\\n` records, as tarfile reads them (UTF-8, undecodable bytes kept).
+    Only the keywords extraction uses are kept: a global header of many others would otherwise be
+    applied to every member."""
     records = {}
     pos = 0
     buf = buf[:size]
@@ -178,8 +188,12 @@ def _pax_records(buf: bytes, size: int) -> dict[str, str]:
         length = int(match.group(1))
         if length == 0:
             raise TarError("invalid pax header")
-        value = buf[match.end(2) + 1: match.start(1) + length - 1]
-        records[match.group(2).decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        keyword = match.group(2).decode("utf-8", "surrogateescape")
+        if keyword.startswith("GNU.sparse."):
+            records["GNU.sparse."] = ""
+        elif keyword in _PAX_USED:
+            value = buf[match.end(2) + 1: match.start(1) + length - 1]
+            records[keyword] = value.decode("utf-8", "surrogateescape")
         pos += length
     return records
 
