@@ -146,11 +146,15 @@ class BundleCache:
             if not verified:
                 return None  # published unverified (an older executor under off): rebuilt, and verified
             if ref.archive_md5:
-                # Every build records the md5 of the archive it extracted (an older executor's local
-                # builds did not: rebuilt). Never the archive as it is now, which may not be what was built.
+                # Downloads record the archive md5. A local archive extracted with no md5 to check was
+                # not hashed (it would cost small bundles a tenth of their cold start): its size and
+                # mtime were recorded, and it is hashed now only if it still is that file.
                 archive_md5 = marker.get("archive_md5")
                 if archive_md5 is None:
-                    return None
+                    local = _local_path(ref)
+                    if local is None or marker.get("archive_stat") is None or marker["archive_stat"] != _stat_id(local):
+                        return None  # rebuilt from the archive as it is now
+                    archive_md5 = _file_md5(local)
                 checked, _ = self._verify_archive(ref, archive_md5, None)  # a mismatch fails as on a miss
                 verified += [v for v in checked if v not in verified]
         try:
@@ -257,9 +261,9 @@ class BundleCache:
         archive is a GrowingFile): it returns (archive_md5, stored) once the download is complete,
         checked before anything is published. Neither (a local file): hashed while extracting if
         there is an md5 to check, and checked before anything is published."""
-        # A local archive is hashed on the way (by the decompressing thread): its md5 is checked now if
-        # one is given, and recorded, so that a later hit given one checks what was built.
-        hash_archive = archive_md5 is None and downloaded is None
+        # A local archive is hashed on the way only if there is an md5 to check it against or to name the entry by.
+        hash_archive = archive_md5 is None and downloaded is None and bool(ref.archive_md5 or not key)
+        local_stat = _stat_id(archive) if archive_md5 is None and downloaded is None else None
         if archive_md5 is not None:
             verified, unverified = self._verify_archive(ref, archive_md5, stored)
         staging = os.path.join(self.root, "staging", f"{key or 'bundle'}.{os.urandom(16).hex()}")
@@ -295,14 +299,14 @@ class BundleCache:
                 raise TaskFailure("BUNDLE_INTEGRITY", f"code bundle {ref.uri}: nothing could be verified and the policy is strict",
                                   hint="give --bundle-md5, or use a fast<md5>.tar.gz name, or set EXECUTOR_BUNDLE_VERIFY=auto")
             if key:
-                return self._publish(key, staging, extracted, archive_md5, verified, unverified)
+                return self._publish(key, staging, extracted, archive_md5, verified, unverified, local_stat)
             # Named by the md5 just computed: another uri (or another run) may have published it, and be using it.
             key = self._key(ref, archive_md5)
             with self._locked(key):
                 hit = self._hit(key)
                 if hit:
                     return Prepared(hit.root, key, hit=True, verified=verified, unverified=unverified)
-                return self._publish(key, staging, extracted, archive_md5, verified, unverified)
+                return self._publish(key, staging, extracted, archive_md5, verified, unverified, local_stat)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             os.close(building)
@@ -339,7 +343,7 @@ class BundleCache:
         except (OSError, EOFError, ValueError) as e:  # truncated or not a gzip tar
             raise TaskFailure("BUNDLE_INTEGRITY", f"code bundle is not a readable tar.gz: {type(e).__name__}: {e}") from None
 
-    def _publish(self, key, staging, extracted, archive_md5, verified, unverified) -> Prepared:
+    def _publish(self, key, staging, extracted, archive_md5, verified, unverified, local_stat=None) -> Prepared:
         entry = self._entry(key)
         fd = self._open_in_use(key)
         try:
@@ -363,6 +367,8 @@ class BundleCache:
         os.rename(staging, entry)
         marker = {"key": key, "archive_md5": archive_md5, "files": len(extracted.files), "bytes": extracted.total_bytes,
                   "verified": verified, "created": time.time(), "boot": _boot_id()}
+        if archive_md5 is None and local_stat is not None:
+            marker["archive_stat"] = local_stat  # which local file it was built from (see _complete_entry)
         if not marker["boot"]:
             os.sync()  # no boot id to scope the marker to: the data must be on disk before it
         self._replace(entry + ".complete", json.dumps(marker).encode())
@@ -507,6 +513,22 @@ def _tree_digest(staging: str, extracted) -> str:
                           f"({e.strerror or e})", hint="links in a bundle must lead to files of the bundle") from None
     except UnicodeError as e:
         raise TaskFailure("BUNDLE_UNSAFE", f"code bundle refused: a member's name is not UTF-8 ({e})") from None
+
+
+def _local_path(ref: BundleRef) -> str | None:
+    try:
+        return storage.local_file(ref.uri)
+    except storage.StorageError:
+        return None
+
+
+def _stat_id(path: str) -> list[int] | None:
+    """A local file as it is now: size, mtime (ns), inode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
 def _hold(path: str, wait: bool = True) -> int | None:
