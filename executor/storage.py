@@ -541,12 +541,17 @@ _CREDENTIAL_ENV = ("AWS_", "FLYTE_AWS_", "GOOGLE_", "GCE_", "CLOUDSDK_", "FLYTE_
                    "EXECUTOR_GCS_", "STORAGE_EMULATOR_HOST", "HOME")
 
 
-def _credentials_fingerprint() -> str:
-    import hashlib
+def _fingerprint(text: str) -> str:
+    from executor.md5 import md5  # not hashlib: loading OpenSSL costs a pod's cold start 3-5 ms
 
+    digest = md5(len(text))
+    digest.update(text.encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _credentials_fingerprint() -> str:
     env = os.environ
-    text = "\0".join(f"{name}={env[name]}" for name in sorted(env) if name.startswith(_CREDENTIAL_ENV))
-    return hashlib.sha256(text.encode()).hexdigest()
+    return _fingerprint("\0".join(f"{name}={env[name]}" for name in sorted(env) if name.startswith(_CREDENTIAL_ENV)))
 
 
 def forget_other_credentials() -> None:
@@ -652,13 +657,11 @@ def _filesystem_class(protocol: str):
 
 
 def _filesystem(uri: str):
-    import hashlib
-
     protocol = uri.split("://", 1)[0]
     filesystem_class, options = _implementation(uri, protocol)
     credentials = _credentials_fingerprint()
     # Hashed: the options may hold a secret key, which this dict's keys must not keep in the clear.
-    key = hashlib.sha256(f"{protocol}\0{sorted(options.items())!r}\0{credentials}".encode()).hexdigest()
+    key = _fingerprint(f"{protocol}\0{sorted(options.items())!r}\0{credentials}")
     _, fs = _filesystems.get(key, (None, None))
     if fs is None:
         try:
