@@ -153,7 +153,7 @@ def orphan_reaped(x: int) -> bool:
         try:
             with open(f"/proc/{orphan}/stat") as f:
                 state = f.read().split(")")[-1].split()[0]
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # ESRCH: reaped between the open and the read
             return True  # reaped
         time.sleep(0.05)
     return False
