@@ -147,8 +147,8 @@ class BundleCache:
                 return None  # published unverified (an older executor under off): rebuilt, and verified
             if ref.archive_md5:
                 # Downloads record the archive md5. A local archive extracted with no md5 to check was
-                # not hashed (it would cost small bundles a tenth of their cold start): its size and
-                # mtime were recorded, and it is hashed now only if it still is that file.
+                # not hashed (it would cost small bundles a tenth of their cold start): its size, mtime
+                # and inode were recorded, and it is hashed now only if it still is that file.
                 archive_md5 = marker.get("archive_md5")
                 if archive_md5 is None:
                     local = _local_path(ref)
