@@ -12,6 +12,10 @@ Results: a datagram socket beside each channel, on which an in-process runner re
 invocation straight to the server (one message per datagram, so several runners may share it; a
 message that does not fit at once is not sent, and the fork server's own report follows anyway).
 JSON, not pickle: a runner runs task code, so what it sends is data to check, never objects.
+
+Leases: a fork server may send the server a descriptor with a message (SCM_RIGHTS): the write end
+of an idle in-process runner's job pipe, which the server writes exactly one invocation to
+(write_frame), then closes.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import socket
 import threading
 
 _HEADER = 4
+_MAX_FDS = 16  # per receive: a unix stream socket delivers one sendmsg's descriptors per recvmsg
 
 
 class Closed(Exception):
@@ -36,6 +41,7 @@ class Channel:
         sock.setblocking(not nonblocking)
         self._buffer = bytearray()
         self._pending = bytearray()
+        self._fds: list[int] = []  # received with the frames not yet taken, in order
         self._lock = threading.Lock()
         self._has_pending = threading.Condition(self._lock)
         self._flusher: threading.Thread | None = None
@@ -53,6 +59,7 @@ class Channel:
         invocations' messages) is dropped."""
         self._buffer = bytearray()
         self._pending = bytearray()
+        _close_all(self._fds)
 
     # --- sending -----------------------------------------------------------------------------------
 
@@ -75,6 +82,21 @@ class Channel:
                     self._flusher = threading.Thread(target=self._flush_forever, name="channel-flusher", daemon=True)
                     self._flusher.start()
                 self._has_pending.notify()
+
+    def send_with_fd(self, message: dict, fd: int) -> None:
+        """The worker's side (blocking): a message with a descriptor (a dup of it travels; `fd`
+        stays ours). The receiver finds it as message["fd"]."""
+        data = pickle.dumps({**message, "fd": True}, protocol=pickle.HIGHEST_PROTOCOL)
+        frame = len(data).to_bytes(_HEADER, "big") + data
+        with self._lock:
+            if self._closed or self.nonblocking:
+                raise Closed("closed" if self._closed else "descriptors go from a worker only")
+            try:
+                sent = socket.send_fds(self.sock, [frame], [fd])
+                if sent < len(frame):
+                    self.sock.sendall(frame[sent:])
+            except OSError as e:
+                raise Closed(str(e)) from None
 
     def _flush_locked(self) -> None:
         while self._pending:
@@ -127,11 +149,12 @@ class Channel:
 
     def _receive(self) -> None:
         try:
-            chunk = self.sock.recv(1 << 16)
+            chunk, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, _MAX_FDS)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
             raise Closed(str(e)) from None
+        self._fds += fds
         if not chunk:
             raise Closed("end of stream")
         self._buffer += chunk
@@ -144,16 +167,40 @@ class Channel:
             return None
         data = bytes(self._buffer[_HEADER:_HEADER + size])
         del self._buffer[:_HEADER + size]
-        return pickle.loads(data)
+        message = pickle.loads(data)
+        if message.get("fd") is True:  # its descriptor came with its first byte, after those of earlier frames
+            message["fd"] = self._fds.pop(0) if self._fds else -1
+        return message
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             self._has_pending.notify_all()
+        _close_all(self._fds)
         try:
             self.sock.close()
         except OSError:
             pass
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        try:
+            os.close(fds.pop())
+        except OSError:
+            pass
+
+
+def frame(message: dict) -> bytes:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return len(data).to_bytes(_HEADER, "big") + data
+
+
+def write_frame(fd: int, data: bytes) -> None:
+    """One framed message to a runner's job pipe (blocking: the runner reads promptly)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def pair() -> tuple[Channel, int]:

@@ -15,8 +15,9 @@ invocation is then
      retried in place under the same policy;
   4. finished with execute.finish (the one error document, the summary line), then reported.
 
-Messages (executor.serve.channel) from the server: run, cancel, stop_all, exit. To the server:
-warm, done.
+Messages (executor.serve.channel) from the server: run (with "lease": the server already sent it to
+that runner), cancel, stop_all, exit. To the server: warm, done, lease (an idle in-process runner's
+job pipe and a fresh root for one invocation; see executor.serve.runner).
 
 Signals (one table):
 """
@@ -84,6 +85,7 @@ class Job:
     pid: int | None = None  # of the process that ran its last attempt
     token: str = ""  # the server's, for a runner's direct result
     stop_reason: tuple[str, str, float | None] | None = None
+    prepare_failure: TaskFailure | None = None  # leased: its spec phase failed here (the runner says so too)
 
     @property
     def checkpoint_local(self) -> str:
@@ -105,6 +107,8 @@ class ForkServer:
         self.zygote: Zygote | None = None  # forks the spares (executor.serve.zygote)
         self.awaiting: list[Job] = []  # isolated jobs waiting for the zygote's next spare
         self.awaiting_runner: list[str] = []  # ids of in-process jobs waiting for a runner forked by the loop
+        self.leased: dict[int, str] = {}  # pid of an idle runner leased to the server -> the root made for it
+        self.awaiting_reclaim: list[str] = []  # ids of in-process jobs waiting for the server to give a lease back
         self._inbox: collections.deque[dict] = collections.deque()  # the server's messages, not yet handled
         self._to_tick: collections.deque[str] = collections.deque()  # ids of the jobs _tick_all has yet to tick
         self.template = None  # the last invocation launched: what a spare rehearses
@@ -137,6 +141,7 @@ class ForkServer:
             self._tick_all(now)
             if self.exiting and not self.jobs:
                 break
+            self._lease_idle_runners()  # before the wait: a runner whose attempt just ended is lent at once
             self._wait_and_dispatch(now)
             self._start_awaiting_runners()
             self._reap()
@@ -146,7 +151,7 @@ class ForkServer:
             runner.retire()
         if self.zygote is not None:
             self.zygote.close()
-        for spare in self._spare_roots:
+        for spare in self._spare_roots + list(self.leased.values()):
             shutil.rmtree(spare, ignore_errors=True)
 
     def _tick_all(self, now: float) -> None:
@@ -226,8 +231,50 @@ class ForkServer:
         return next((r for pid, r in self.runners.items() if self._is_idle_runner(pid, r)), None)
 
     def _is_idle_runner(self, pid: int, runner: Runner) -> bool:
-        """An in-process runner that can take an invocation now."""
-        return not runner.one_shot and pid not in self.busy and not runner.retiring and not runner.proc.exited
+        """An in-process runner that can take an invocation now (from us: a leased one is the server's)."""
+        return (not runner.one_shot and pid not in self.busy and pid not in self.leased and not runner.retiring
+                and not runner.proc.exited)
+
+    def _lease_idle_runners(self) -> None:
+        """Idle in-process runners lent to the server, each for one invocation: the server writes it
+        straight into the runner's job pipe (and tells us), so the caller does not wait on this process.
+        A lease is given back only by its use; a runner is leased again once its attempt is over here."""
+        if (not self.warm or self.results_fd < 0 or self.exiting or self.server_lost or self.awaiting_runner
+                or self.awaiting_reclaim):
+            return  # a runner that is free now goes to the jobs waiting for one
+        for pid, runner in list(self.runners.items()):
+            if not self._is_idle_runner(pid, runner):
+                continue
+            root = self._spare_roots.pop() if self._spare_roots else None
+            try:
+                if root is None:
+                    root = os.path.join(self.work_dir, f".lease-{os.getpid()}-{next(self._numbers)}")
+                    _make_dirs(root)
+                self.channel.send_with_fd({"event": "lease", "pid": pid, "root": root}, runner.job_w)
+            except Closed:
+                shutil.rmtree(root, ignore_errors=True)
+                return self._lose_server()
+            except OSError:
+                if root is not None:
+                    shutil.rmtree(root, ignore_errors=True)
+                return
+            self.leased[pid] = root
+
+    def _reclaim_for(self, job: Job) -> None:
+        """An in-process job came our usual way while our idle runners are lent out (the server sent it
+        before our lease reached it): ask for one back rather than fork another runner, whose module
+        state would then split from the warm one's."""
+        self.awaiting_reclaim.append(job.id)
+        self._send({"event": "reclaim"})
+
+    def _released(self, pid: int | None) -> None:
+        """The server's answer to a reclaim: a lease given back unused, or None (all were in use: a
+        runner is forked for the job)."""
+        root = self.leased.pop(pid, None) if pid is not None else None
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+        if self.awaiting_reclaim:
+            self.awaiting_runner.append(self.awaiting_reclaim.pop(0))  # launched by the loop, on it or a new one
 
     def _on_sigterm(self, signum, frame) -> None:
         self.sigterm = True  # acted on in the loop (the wakeup fd woke it)
@@ -244,7 +291,7 @@ class ForkServer:
             if job is not None:
                 for fd in job.attempt.fds():
                     owners[fd] = (proc, True)  # not the job, nor its id: what forks while these are read sees neither
-            elif proc.relay:
+            elif proc.relay and pid not in self.leased:  # a leased one's output is read once we know its secrets
                 for fd in proc.relay.fds():
                     owners[fd] = (proc, False)
         return owners
@@ -283,6 +330,11 @@ class ForkServer:
             elif op == "stop_all":
                 for job in list(self.jobs.values()):
                     self._stop(job, message["message"], message["hint"], message.get("grace"))
+            elif op == "released":
+                self._released(message["pid"])
+            elif op == "revoked":  # a leased runner that died: unused (else its invocation came first)
+                if message["pid"] in self.leased and message["pid"] in self.procs:
+                    self._forget_proc(message["pid"])
             elif op == "exit":
                 self.exiting = True
 
@@ -339,6 +391,8 @@ class ForkServer:
             job.attempt.on_exit(status, rusage, time.monotonic())
         else:  # a child whose attempt is over, a spare, an idle runner: gone, with its last output
             proc.exited_at(status, rusage, time.monotonic())
+            if pid in self.leased:  # the server may have sent it an invocation already: it says which
+                return self._send({"event": "revoke", "pid": pid})
             self._forget_proc(pid)
 
     def _read_zygote(self) -> None:
@@ -380,10 +434,13 @@ class ForkServer:
     def _close_drained(self, now: float) -> None:
         """Children that are gone and run nothing now: their last output relayed, their pipes closed."""
         for pid, proc in list(self.procs.items()):
-            if pid not in self.busy and proc.exited:
+            if pid not in self.busy and pid not in self.leased and proc.exited:
                 self._forget_proc(pid)
 
     def _forget_proc(self, pid: int) -> None:
+        root = self.leased.pop(pid, None)  # a leased runner that died idle
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
         proc = self.procs.pop(pid)
         if proc.relay:
             proc.relay.drain()
@@ -396,7 +453,8 @@ class ForkServer:
 
     def _start(self, message: dict) -> None:
         invocation = message["invocation"]
-        root = os.path.join(self.work_dir, f"{_safe(message['id'])}-{os.getpid()}-{next(self._numbers)}")
+        lease = message.get("lease")  # {"pid", "root"}: the server already sent it to that runner
+        root = lease["root"] if lease else os.path.join(self.work_dir, f"{_safe(message['id'])}-{os.getpid()}-{next(self._numbers)}")
         env = dict(message["env"])
         env["TMPDIR"] = os.path.join(root, "tmp")
         view = isolation.View(message["id"], env, os.path.join(root, "work"), env["TMPDIR"])
@@ -406,7 +464,8 @@ class ForkServer:
         self.jobs[job.id] = job
         logs._context = {"invocation": job.id}
         try:
-            self._make_root(root)
+            if lease is None:
+                self._make_root(root)
             if message.get("failure"):  # decided by the server: report it, run nothing
                 code, text, hint, *phase = message["failure"]
                 if hint is None:
@@ -417,7 +476,9 @@ class ForkServer:
                 failure.phase = phase[0] if phase else "queue"
             else:
                 failure = self._prepare(job)
-            if failure is None:
+            if lease is not None:
+                job.prepare_failure, failure = failure, self._attach(job, lease["pid"])
+            elif failure is None:
                 self._launch(job)
         except Exception as e:  # a bug of ours: still one error document, never a lost invocation
             failure = TaskFailure("SYSTEM", f"internal error in the warm worker: {type(e).__name__}: {e}", cause=e)
@@ -433,21 +494,12 @@ class ForkServer:
         try:
             if not self.warm:
                 self._warm_up(job)
-            if job.invocation.bundle is not None:
-                job.invocation = dataclasses.replace(job.invocation, bundle=None)  # the pool's sys.path has it
-            saved = logs._redactions
-            logs._redactions = []
+            job.invocation = runner_module.without_bundle(job.invocation)  # the pool's sys.path has it
             try:
-                with isolation.environment(job.env, job.view.tmpdir):
-                    from executor import supervisor
-
-                    job.spec = supervisor.load_spec(job.invocation, job.diagnostics)
-                    job.env = dict(os.environ)
+                job.spec = isolation.prepare(job.view, job.invocation, job.diagnostics)
             finally:
-                job.view.redactions = logs._redactions
-                logs._redactions = saved
                 self._add_redactions(job.view.redactions)
-            job.view.env = job.env
+            job.env = job.view.env
             job.view.bundle_root = self.bundle_root
             return None
         except TaskFailure as failure:
@@ -482,6 +534,8 @@ class ForkServer:
     def _launch(self, job: Job) -> None:
         if job.isolation == "inprocess":
             runner = self._idle_runner()
+            if runner is None and self.leased and not self.server_lost:
+                return self._reclaim_for(job)
             if runner is None:
                 # Forked by the loop, not from here: a runner serves invocation after invocation, and
                 # would inherit this stack, which holds this one's env and secrets.
@@ -511,13 +565,33 @@ class ForkServer:
                 return
             runner = self._fork_runner(one_shot=True, relay=True)
             runner.send(message)
-        job.runner = runner
-        oom_before = watch.oom_kills()  # after the send: the runner starts meanwhile (an OOM kill takes longer)
         self.template = job.invocation
+        self._watch(job, runner)  # after the send: the runner starts meanwhile
+
+    def _attach(self, job: Job, pid: int) -> TaskFailure | None:
+        """A leased runner's invocation, sent to it by the server: watched from now on."""
+        root = self.leased.pop(pid, None)
+        runner = self.runners.get(pid)
+        if root is None or runner is None or pid in self.busy:  # never given, or gone and forgotten
+            failure = TaskFailure("SYSTEM", "the warm runner this invocation was sent to is gone",
+                                  hint="a bug or a kill from outside; the backend retries this attempt")
+            failure.phase = "queue"
+            return failure
+        self._watch(job, runner)  # died meanwhile: the watch says how, as for any attempt
+        return None
+
+    def _watch(self, job: Job, runner: Runner) -> None:
+        job.runner = runner
+        oom_before = watch.oom_kills()
         proc = runner.proc
         self.busy[proc.pid] = job
+        if job.spec is None:  # leased, and its spec phase failed here: the runner only reports that
+            from executor.spec import RuntimeSpec
+
+            job.spec = RuntimeSpec()
+        spec = job.spec
         # The attempt is over with its report: a child's exit is reaped later, off the invocation's path.
-        job.attempt = watch.AttemptWatch(proc, timeout=job.spec.timeout_seconds, grace=job.spec.grace_seconds,
+        job.attempt = watch.AttemptWatch(proc, timeout=spec.timeout_seconds, grace=spec.grace_seconds,
                                          task_name=job.task_name, diagnostics=job.diagnostics,
                                          oom_before=oom_before, finish_on_report=True)
         if job.stop_reason is not None:
@@ -540,11 +614,14 @@ class ForkServer:
                     logs.warning("asked to stop: sending SIGTERM to the task", reason=message,
                                  grace_s=job.spec.grace_seconds if grace is None else grace)
                 job.attempt.stop(message, hint, time.monotonic(), grace)
-            elif job in self.awaiting or job.id in self.awaiting_runner:  # waiting for a process: it never starts
+            elif job in self.awaiting or job.id in self.awaiting_runner or job.id in self.awaiting_reclaim:
+                # waiting for a process: it never starts
                 if job in self.awaiting:
                     self.awaiting.remove(job)
-                else:
+                elif job.id in self.awaiting_runner:
                     self.awaiting_runner.remove(job.id)
+                else:  # the lease still comes back (or not): the next waiting job, or the next lease, gets it
+                    self.awaiting_reclaim.remove(job.id)
                 failure = TaskFailure("PREEMPTED", f"{message} before it started", hint=hint)
                 failure.phase = "queue"
                 self._finish(job, execute.Attempt("failure", job.task_name, failure))
@@ -590,6 +667,9 @@ class ForkServer:
             runner.retire()
         job.diagnostics.peak_rss_bytes = max(job.diagnostics.peak_rss_bytes, outcome.peak_rss_bytes)
         job.task_name = outcome.attempt.task_name
+        if job.prepare_failure is not None and outcome.attempt.failure is not None:
+            # Leased, and the spec phase failed here as in the runner: ours is the one reported (no retry).
+            return self._finish(job, execute.Attempt("failure", job.task_name, job.prepare_failure))
         from executor import supervisor
 
         if outcome.timed_out or outcome.stopped:
@@ -690,7 +770,8 @@ class ForkServer:
         runner = runner_module.fork(one_shot=one_shot, relay=relay,
                                     close=[fd for fd in self._own_fds() if fd != results_fd],
                                     forget=lambda: self._forget_everything_but(None),
-                                    rehearse=rehearse, scratch_dir=self.work_dir, results_fd=results_fd)
+                                    rehearse=rehearse, scratch_dir=self.work_dir, results_fd=results_fd,
+                                    bundle_root=self.bundle_root)
         self.procs[runner.proc.pid] = runner.proc
         self.runners[runner.proc.pid] = runner
         return runner
@@ -718,6 +799,8 @@ class ForkServer:
         self.spares = []
         self.awaiting = []
         self.awaiting_runner = []
+        self.awaiting_reclaim = []
+        self.leased = {}
         self.template = None
         self._inbox = collections.deque()
         self._to_tick = collections.deque()

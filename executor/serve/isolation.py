@@ -3,6 +3,8 @@
     environment(env, tmpdir)  for the fork server's own short steps on an invocation's behalf
                               (reading its TaskTemplate and secrets, writing its error.pb): the
                               process's env is swapped for the invocation's, then restored
+    prepare(view, invocation) the "spec" phase under the invocation's env: what its process will
+                              see (TaskTemplate env, secrets) and which secrets to redact
     enter(view)               in the process that runs the task: os.environ *replaced* by the
                               invocation's (not merged), a fresh cwd and TMPDIR, only its own
                               secrets known for redaction
@@ -63,6 +65,24 @@ def environment(env: dict[str, str], tmpdir: str | None = None):
                     os.putenv(key, saved[key])
                 else:
                     os.unsetenv(key)
+
+
+def prepare(view: View, invocation, diagnostics):
+    """The spec phase for `view` (its env as given, plus TMPDIR), exactly as the one-shot path runs
+    it: returns the spec; view.env becomes what the task sees (the TaskTemplate's env, secrets) and
+    view.redactions its secrets (also on failure: the TaskFailure raised may quote them)."""
+    from executor import supervisor
+
+    saved = logs._redactions
+    logs._redactions = []
+    try:
+        with environment(view.env, view.tmpdir):
+            spec = supervisor.load_spec(invocation, diagnostics)
+            view.env = dict(os.environ)
+    finally:
+        view.redactions = logs._redactions
+        logs._redactions = saved
+    return spec
 
 
 def enter(view: View) -> None:

@@ -38,6 +38,7 @@ class Metrics:
         self.rejected: collections.Counter = collections.Counter()  # reason
         self.pool_requests: collections.Counter = collections.Counter()  # hit | miss
         self.bundle_cache: collections.Counter = collections.Counter()  # hit | miss
+        self.inprocess_dispatch: collections.Counter = collections.Counter()  # leased | worker
         self.cancels = 0
 
     def finished(self, outcome: str, code: str | None, isolation: str, latency_s: float) -> None:
@@ -76,6 +77,9 @@ class Metrics:
                  "Invocations sent to a pool that was already up (hit) or had to be started (miss)."),
                 ("bundle_cache_total", self.bundle_cache, "result",
                  "Code bundles a new pool found in the node cache (hit) or fetched (miss)."),
+                ("inprocess_dispatch_total", self.inprocess_dispatch, "path",
+                 "In-process invocations sent straight to an idle runner lent to the server (leased) or "
+                 "through its fork server (worker)."),
                 ("worker_recycles_total", recycled, "reason",
                  "Warm workers retired: max_invocations, rss, or lru (pool eviction)."),
             ):

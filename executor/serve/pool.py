@@ -69,6 +69,7 @@ class Worker:
         self.warm = False
         self.loading: str | None = None  # the task module it is importing before it is warm
         self.retiring = False
+        self.leases: list[dict] = []  # idle in-process runners lent to us: {"pid", "root", "fd"} (see runner.py)
         self.channel, fd = pair()
         self.results, results_fd = results_pair()  # in-process runners' successes, straight to us
         try:
@@ -127,6 +128,17 @@ class Worker:
                 logs.error("a warm worker's message could not be handled", pool=self.key, pid=self.pid,
                            event=str(message.get("event")), reason=f"{type(e).__name__}: {e}")
 
+    def take_lease(self) -> dict | None:
+        """An idle runner to send one in-process invocation to, if one was lent (under the server's lock)."""
+        return self.leases.pop() if self.leases and not self.retiring else None
+
+    def close_leases(self) -> None:
+        while self.leases:
+            try:
+                os.close(self.leases.pop()["fd"])
+            except OSError:
+                pass
+
     def kill(self) -> None:
         try:
             os.killpg(self.proc.pid, 9)
@@ -176,6 +188,7 @@ class Pools:
 
     def _retire(self, worker: Worker) -> None:
         worker.retiring = True
+        worker.close_leases()
         if self.current.get(worker.key) is worker:
             del self.current[worker.key]
         self.retiring.add(worker)
@@ -195,6 +208,7 @@ class Pools:
             self._retire(idle)
 
     def forget(self, worker: Worker) -> None:
+        worker.close_leases()
         if self.current.get(worker.key) is worker:
             del self.current[worker.key]
         self.retiring.discard(worker)

@@ -7,6 +7,11 @@ are one-shot runners forked ahead of need, which first rehearse the attempt's co
 copy-on-write page faults are paid before an invocation waits on them. An in-process runner
 (isolation "inprocess") runs attempt after attempt in itself, restoring sys.path and its cwd after
 each.
+
+An idle in-process runner may be leased to the server: the server then writes one invocation
+straight into its job pipe, as the server got it (no view: the runner prepares it itself, with
+isolation.prepare, exactly as the fork server would), and tells the fork server, which watches
+the attempt as if it had launched it. The fork server stays out of the caller's path.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import time
 from executor import execute, logs, watch
 from executor.errors import Diagnostics
 from executor.serve import isolation
+from executor.serve.channel import frame, write_frame
 
 
 class Runner:
@@ -35,8 +41,7 @@ class Runner:
         return self.job_w < 0
 
     def send(self, message: dict) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        os.write(self.job_w, len(data).to_bytes(4, "big") + data)  # small; the runner reads promptly
+        write_frame(self.job_w, frame(message))
 
     def retire(self) -> None:
         """It exits at the end of its input."""
@@ -46,10 +51,11 @@ class Runner:
 
 
 def fork(*, one_shot: bool, relay: bool, close: list[int], forget, rehearse=None, scratch_dir: str = "",
-         results_fd: int = -1) -> Runner:
+         results_fd: int = -1, bundle_root: str | None = None) -> Runner:
     """Fork a runner. In the child: supervised set-up, the fork server's descriptors closed and its
     other invocations forgotten (`forget`), a rehearsal if asked, then the runner loop. An in-process
-    runner given `results_fd` (the server's results socket) reports its successes there too."""
+    runner given `results_fd` (the server's results socket) reports its successes there too; it
+    links `bundle_root` into the working directory of the invocations it prepares itself."""
     pipes = watch.Pipes(relay=relay)
     job_r, job_w = os.pipe()
     sys.stdout.flush()
@@ -68,7 +74,7 @@ def fork(*, one_shot: bool, relay: bool, close: list[int], forget, rehearse=None
             forget()
             if rehearse is not None:
                 _rehearse(rehearse, scratch_dir)
-            _loop(job_r, reporter, one_shot, results_fd)
+            _loop(job_r, reporter, one_shot, results_fd, bundle_root)
             code = 0
         except BaseException as e:
             watch.report_crash(pipes.report_w, e)
@@ -82,7 +88,8 @@ def fork(*, one_shot: bool, relay: bool, close: list[int], forget, rehearse=None
     return Runner(pipes.parent_side(pid), job_w, one_shot)
 
 
-def _loop(job_r: int, reporter: watch.Reporter, one_shot: bool, results_fd: int = -1) -> None:
+def _loop(job_r: int, reporter: watch.Reporter, one_shot: bool, results_fd: int = -1,
+          bundle_root: str | None = None) -> None:
     """One attempt (one-shot), or attempt after attempt in this process, each with its own view."""
     base_path, base_cwd = list(sys.path), os.getcwd()
     results = None
@@ -90,21 +97,27 @@ def _loop(job_r: int, reporter: watch.Reporter, one_shot: bool, results_fd: int 
         import socket
 
         results = socket.socket(fileno=results_fd)
-    while _run_next(job_r, reporter, one_shot, results) and not one_shot:
+    while _run_next(job_r, reporter, one_shot, results, bundle_root) and not one_shot:
         sys.path[:] = base_path
         os.chdir(base_cwd)
         logs._context = {}
         execute.phase_listener = None
 
 
-def _run_next(job_r: int, reporter: watch.Reporter, one_shot: bool, results) -> bool:
+def _run_next(job_r: int, reporter: watch.Reporter, one_shot: bool, results, bundle_root: str | None) -> bool:
     """Read and run one attempt (False at the end of input). A frame of its own: once it returns,
     nothing of this invocation is left in the runner's locals for the next one to find."""
     message = _read_frame(job_r)
     if message is None:
         return False
-    isolation.enter(message["view"])
     diagnostics = Diagnostics()
+    if "view" not in message:  # leased: sent by the server as it got it
+        failure = _prepare_leased(message, diagnostics, bundle_root)
+        if failure is not None:  # the fork server, preparing it too, reports the same failure
+            reporter.done(execute.Attempt("failure", " ".join(message["invocation"].resolver_args), failure),
+                          **_runner_memory())
+            return True
+    isolation.enter(message["view"])
     attempt = watch.run_reported_attempt(
         reporter, message["invocation"], attempt_no=message["attempt_no"],
         prev_checkpoint=message["prev_checkpoint"], checkpoint_local=message["checkpoint_local"],
@@ -114,6 +127,34 @@ def _run_next(job_r: int, reporter: watch.Reporter, one_shot: bool, results) -> 
     if results is not None and direct and attempt.outcome == "success" and attempt.failure is None:
         _send_direct(results, direct, message["invocation"], attempt, diagnostics)
     return True
+
+
+def _prepare_leased(message: dict, diagnostics: Diagnostics, bundle_root: str | None):
+    """What the fork server does for an invocation before it hands it to a runner (its view, the spec
+    phase), done here for one the server sent straight to this runner. Its directories were made
+    when the lease was given. Returns the spec phase's TaskFailure, if any."""
+    from executor.errors import TaskFailure
+
+    root = message["root"]
+    env = dict(message["env"])
+    env["TMPDIR"] = os.path.join(root, "tmp")
+    view = isolation.View(message["id"], env, os.path.join(root, "work"), env["TMPDIR"], bundle_root=bundle_root)
+    invocation = without_bundle(message["invocation"])
+    message.update(view=view, invocation=invocation, checkpoint_local=os.path.join(root, "checkpoint"))
+    try:
+        isolation.prepare(view, invocation, diagnostics)
+    except TaskFailure as failure:
+        return failure
+    return None
+
+
+def without_bundle(invocation):
+    """An invocation of a pool: the pool's sys.path already has its bundle."""
+    if invocation.bundle is None:
+        return invocation
+    import dataclasses
+
+    return dataclasses.replace(invocation, bundle=None)
 
 
 def _send_direct(results, direct: dict, invocation, attempt, diagnostics: Diagnostics) -> None:

@@ -177,8 +177,15 @@ class Server:
         worker.served += 1
         self.running += 1
         record.token = os.urandom(8).hex()  # what a runner's direct result must carry to be believed
-        worker.post({"op": "run", "id": record.id, "invocation": record.invocation, "env": record.env,
-                     "isolation": record.isolation, "failure": failure, "token": record.token})
+        message = {"op": "run", "id": record.id, "invocation": record.invocation, "env": record.env,
+                   "isolation": record.isolation, "failure": failure, "token": record.token}
+        if failure is None and record.isolation == "inprocess" and worker.leases:
+            lease = _send_to_leased_runner(worker, record)
+            if lease is not None:
+                message["lease"] = {"pid": lease["pid"], "root": lease["root"]}  # the fork server watches it
+        if failure is None and record.isolation == "inprocess":
+            self.metrics.count("inprocess_dispatch", "leased" if "lease" in message else "worker")
+        worker.post(message)
 
     def _fill_slots(self) -> None:
         while self.queue and self.running < self.settings.slots and self.state != DRAINING:
@@ -210,6 +217,21 @@ class Server:
                     finished = self._finish(record, message["result"])
                 self.pools.after_done(worker)
                 self._fill_slots()
+            elif event == "reclaim":  # its usual path needs a runner back: an unused lease, if we have one
+                lease = worker.take_lease()
+                if lease is not None:
+                    os.close(lease["fd"])
+                worker.post({"op": "released", "pid": lease and lease["pid"]})
+            elif event == "revoke":  # a leased runner died: its lease, if still unused, is void
+                for lease in [lease for lease in worker.leases if lease["pid"] == message["pid"]]:
+                    worker.leases.remove(lease)
+                    os.close(lease["fd"])
+                worker.post({"op": "revoked", "pid": message["pid"]})
+            elif event == "lease":
+                if message["fd"] >= 0 and worker.retiring:
+                    os.close(message["fd"])
+                elif message["fd"] >= 0:
+                    worker.leases.append({"pid": message["pid"], "root": message["root"], "fd": message["fd"]})
             elif event == "loading":
                 worker.loading = message["module"]
             elif event == "warm":
@@ -348,6 +370,30 @@ class Server:
         with self.lock:
             pids = [w.pid for w in self.pools.all()]
         return {"server": _tree_rss([os.getpid()], children=False), "workers": _tree_rss(pids)}
+
+
+MAX_LEASED_FRAME = 48 << 10  # written into an empty pipe (64 KiB) under the lock: it must never block
+
+
+def _send_to_leased_runner(worker: Worker, record: Record) -> dict | None:
+    """The invocation straight into the job pipe of an idle runner the worker lent us, as the fork
+    server would send it but unprepared (the runner prepares it itself). The lease used, or None:
+    it could not go (too large, or the runner died), and the fork server's usual path runs it."""
+    from executor.serve.channel import frame, write_frame
+
+    lease = worker.leases[-1]
+    data = frame({"id": record.id, "root": lease["root"], "env": record.env, "invocation": record.invocation,
+                  "attempt_no": 0, "prev_checkpoint": record.invocation.prev_checkpoint,
+                  "direct": {"id": record.id, "token": record.token, "attempts": 1, "phases_ms": {}, "peak_rss": 0}})
+    if len(data) > MAX_LEASED_FRAME or worker.take_lease() is not lease:
+        return None
+    try:
+        write_frame(lease["fd"], data)
+        return lease
+    except OSError:  # it died: the fork server reaps it and forgets the lease
+        return None
+    finally:
+        os.close(lease["fd"])
 
 
 def _believable(message: dict, record: Record | None, worker: Worker) -> bool:
