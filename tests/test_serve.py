@@ -56,7 +56,8 @@ def test_health_ready_and_metrics_families(server):
     status, text, headers = s.request("GET", "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
     for family in ("invocations_total", "invocation_duration_seconds", "in_flight", "queued", "pools", "workers",
-                   "pool_requests_total", "bundle_cache_total", "rejected_total", "worker_recycles_total"):
+                   "pool_requests_total", "bundle_cache_total", "rejected_total", "worker_recycles_total",
+                   "inprocess_dispatch_total", "leased_runners"):
         assert f"# TYPE executor_serve_{family} " in text, family
 
 
@@ -487,6 +488,51 @@ def test_an_in_process_success_is_answered_by_the_runner_itself(server, tmp_path
     after = s.run(invocation(tmp_path, "after", "add", {"a": 2, "b": 2}, isolation="inprocess"))
     assert after["result"]["outcome"] == "success" and after["worker_pid"] == runner_pid  # the same runner, free again
     assert s.metric("executor_serve_invocations_total", outcome="success", code="") == 3
+
+
+def test_in_process_invocations_after_the_first_go_straight_to_a_leased_runner(server, tmp_path):
+    """Once its runner is idle the fork server lends it to the server, which writes the next in-process
+    invocation straight into it; the runner prepares it itself (TaskTemplate env, secrets), and a spec
+    failure prepared there still ends with exactly one error document."""
+    s = server("--concurrency", "1")
+    secret = security_pb2.Secret(group="api", key="token", env_var="MY_TOKEN")
+    template = ["--task-template", str(_template(tmp_path / "t.pb", secrets=[secret], env={"FROM_TEMPLATE": "yes"}))]
+    runner = s.run(invocation(tmp_path, "first", "add", {"a": 1, "b": 2}, isolation="inprocess"))["worker_pid"]
+    assert s.metric("executor_serve_inprocess_dispatch_total", path="worker") == 1
+    for i in range(3):
+        wait_for(lambda: s.metric("executor_serve_leased_runners") == 1, what="the runner lent to the server")
+        record = s.run(invocation(tmp_path, f"leased-{i}", "env_of", {"names": "FROM_TEMPLATE,MY_TOKEN,TMPDIR"},
+                                  env={"_FSEC_API_TOKEN": f"{SECRET}-{i}"}, isolation="inprocess", extra=template))
+        assert record["result"]["outcome"] == "success" and record["worker_pid"] == runner
+        values = output_value(tmp_path, f"leased-{i}")["values"]
+        assert values["FROM_TEMPLATE"] == "yes" and values["MY_TOKEN"] == f"{SECRET}-{i}"
+        assert values["TMPDIR"].startswith(str(tmp_path)) and values["TMPDIR"].endswith("/tmp")  # its own, made for the lease
+    assert s.metric("executor_serve_inprocess_dispatch_total", path="leased") == 3
+    wait_for(lambda: s.metric("executor_serve_leased_runners") == 1, what="the runner lent again")
+    missing = s.run(invocation(tmp_path, "missing", "env_of", {"names": "MY_TOKEN"}, isolation="inprocess", extra=template))
+    assert missing["result"]["error"]["code"] == "SECRET_MISSING" and missing["result"]["error"]["phase"] == "spec"
+    assert out_files(tmp_path, "missing") == ["error.pb"] and error_doc(tmp_path, "missing").code == "SECRET_MISSING"
+    assert s.metric("executor_serve_inprocess_dispatch_total", path="leased") == 4
+    wait_for(lambda: s.metric("executor_serve_leased_runners") == 1, what="the runner lent after the failure")
+    after = s.run(invocation(tmp_path, "after", "add", {"a": 2, "b": 2}, isolation="inprocess"))
+    assert after["worker_pid"] == runner and output_value(tmp_path, "after") == 4
+
+
+@pytest.mark.parametrize("wait_for_revoke", [True, False])
+def test_a_leased_runner_that_dies_idle_costs_no_invocation(server, tmp_path, wait_for_revoke):
+    """Killed while lent to the server: its lease is revoked once the fork server reaps it, and an
+    invocation sent before that (into a pipe nobody reads any more) goes the usual way instead."""
+    s = server("--concurrency", "1")
+    runner = s.run(invocation(tmp_path, "first", "add", {"a": 1, "b": 2}, isolation="inprocess"))["worker_pid"]
+    wait_for(lambda: s.metric("executor_serve_leased_runners") == 1, what="the runner lent to the server")
+    os.kill(runner, signal.SIGKILL)
+    wait_for(lambda: not alive(runner), what="the runner to be gone")
+    if wait_for_revoke:
+        wait_for(lambda: s.metric("executor_serve_leased_runners") == 0, what="the lease revoked")
+    record = s.run(invocation(tmp_path, "next", "add", {"a": 2, "b": 3}, isolation="inprocess"))
+    assert record["result"]["outcome"] == "success" and output_value(tmp_path, "next") == 5
+    assert record["worker_pid"] != runner and out_files(tmp_path, "next") == ["outputs.pb"]
+    assert s.metric("executor_serve_inprocess_dispatch_total", path="leased") == 0
 
 
 @pytest.mark.parametrize("isolation", ["inprocess", "fork"])

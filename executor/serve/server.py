@@ -357,6 +357,8 @@ class Server:
                 "concurrency": ("Invocations that may run at once (--concurrency).", self.settings.slots),
                 "pools": ("Warm pools (one per bundle digest and task module).", len(self.pools.current)),
                 "workers": ("Warm worker processes, retiring ones included.", len(workers)),
+                "leased_runners": ("Idle in-process runners lent to the server: the next in-process invocations "
+                                   "go straight to them.", sum(len(w.leases) for w in workers)),
                 "ready": ("1 while new invocations are accepted.", 1 if self.ready else 0),
             }
             recycled = dict(self.pools.recycled)
