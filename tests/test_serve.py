@@ -516,6 +516,14 @@ def test_in_process_invocations_after_the_first_go_straight_to_a_leased_runner(s
     wait_for(lambda: s.metric("executor_serve_leased_runners") == 1, what="the runner lent after the failure")
     after = s.run(invocation(tmp_path, "after", "add", {"a": 2, "b": 2}, isolation="inprocess"))
     assert after["worker_pid"] == runner and output_value(tmp_path, "after") == 4
+    # Larger than the runner's pipe takes at once: never written under the server's lock but sent the usual
+    # way, whose fork server takes the lease back (a reclaim) rather than fork a second runner.
+    wait_for(lambda: s.metric("executor_serve_leased_runners") == 1, what="the runner lent again")
+    large = s.run(invocation(tmp_path, "large", "env_of", {"names": "BIG"}, env={"BIG": "x" * (80 << 10)},
+                             isolation="inprocess"))
+    assert large["worker_pid"] == runner and output_value(tmp_path, "large")["values"]["BIG"] == "x" * (80 << 10)
+    assert s.metric("executor_serve_inprocess_dispatch_total", path="leased") == 5
+    assert s.metric("executor_serve_inprocess_dispatch_total", path="worker") == 2
 
 
 @pytest.mark.parametrize("wait_for_revoke", [True, False])

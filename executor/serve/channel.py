@@ -149,11 +149,13 @@ class Channel:
 
     def _receive(self) -> None:
         try:
-            chunk, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, _MAX_FDS)
+            chunk, fds, flags, _ = socket.recv_fds(self.sock, 1 << 16, _MAX_FDS, socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
             raise Closed(str(e)) from None
+        if flags & socket.MSG_CTRUNC and not fds:  # dropped by the kernel (out of descriptors): its frame gets -1
+            fds = [-1]
         self._fds += fds
         if not chunk:
             raise Closed("end of stream")

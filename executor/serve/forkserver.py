@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import faulthandler  # noqa: F401 - every child registers it (watch.become_supervised): imported once, here
+import fcntl
 import gc
 import itertools
 import os
@@ -108,6 +109,7 @@ class ForkServer:
         self.awaiting: list[Job] = []  # isolated jobs waiting for the zygote's next spare
         self.awaiting_runner: list[str] = []  # ids of in-process jobs waiting for a runner forked by the loop
         self.leased: dict[int, str] = {}  # pid of an idle runner leased to the server -> the root made for it
+        self.lending = True  # False once a lease's descriptor failed to reach the server
         self.awaiting_reclaim: list[str] = []  # ids of in-process jobs waiting for the server to give a lease back
         self._inbox: collections.deque[dict] = collections.deque()  # the server's messages, not yet handled
         self._to_tick: collections.deque[str] = collections.deque()  # ids of the jobs _tick_all has yet to tick
@@ -239,8 +241,8 @@ class ForkServer:
         """Idle in-process runners lent to the server, each for one invocation: the server writes it
         straight into the runner's job pipe (and tells us), so the caller does not wait on this process.
         A lease is given back only by its use; a runner is leased again once its attempt is over here."""
-        if (not self.warm or self.results_fd < 0 or self.exiting or self.server_lost or self.awaiting_runner
-                or self.awaiting_reclaim):
+        if (not self.warm or not self.lending or self.results_fd < 0 or self.exiting or self.server_lost
+                or self.awaiting_runner or self.awaiting_reclaim):
             return  # a runner that is free now goes to the jobs waiting for one
         for pid, runner in list(self.runners.items()):
             if not self._is_idle_runner(pid, runner):
@@ -250,7 +252,9 @@ class ForkServer:
                 if root is None:
                     root = os.path.join(self.work_dir, f".lease-{os.getpid()}-{next(self._numbers)}")
                     _make_dirs(root)
-                self.channel.send_with_fd({"event": "lease", "pid": pid, "root": root}, runner.job_w)
+                capacity = fcntl.fcntl(runner.job_w, fcntl.F_GETPIPE_SZ)  # what the server may write without blocking
+                self.channel.send_with_fd({"event": "lease", "pid": pid, "root": root, "capacity": capacity},
+                                          runner.job_w)
             except Closed:
                 shutil.rmtree(root, ignore_errors=True)
                 return self._lose_server()
@@ -332,6 +336,9 @@ class ForkServer:
                     self._stop(job, message["message"], message["hint"], message.get("grace"))
             elif op == "released":
                 self._released(message["pid"])
+            elif op == "returned":  # never reached the server
+                self.lending = False
+                shutil.rmtree(self.leased.pop(message["pid"], ""), ignore_errors=True)
             elif op == "revoked":  # a leased runner that died: unused (else its invocation came first)
                 if message["pid"] in self.leased and message["pid"] in self.procs:
                     self._forget_proc(message["pid"])
@@ -477,12 +484,16 @@ class ForkServer:
             else:
                 failure = self._prepare(job)
             if lease is not None:
-                job.prepare_failure, failure = failure, self._attach(job, lease["pid"])
+                job.prepare_failure = failure
+                failure = self._attach(job, lease["pid"])
             elif failure is None:
                 self._launch(job)
         except Exception as e:  # a bug of ours: still one error document, never a lost invocation
             failure = TaskFailure("SYSTEM", f"internal error in the warm worker: {type(e).__name__}: {e}", cause=e)
             failure.phase = failure.phase or "spec"
+            if lease is not None and job.attempt is None and lease["pid"] in self.leased:
+                job.prepare_failure = failure  # the runner has it: watched (and stopped) like any other
+                failure = self._attach(job, lease["pid"])
         try:
             if failure is not None and job.id in self.jobs:
                 self._finish(job, execute.Attempt("failure", job.task_name, failure))
@@ -577,8 +588,24 @@ class ForkServer:
                                   hint="a bug or a kill from outside; the backend retries this attempt")
             failure.phase = "queue"
             return failure
+        if runner.proc.exited:  # reaped while lent: its pipes, unread since, still hold what it said
+            runner.proc.drain_until = time.monotonic() + watch.DRAIN_AFTER_EXIT
         self._watch(job, runner)  # died meanwhile: the watch says how, as for any attempt
+        if job.prepare_failure is not None:
+            self._stop_unless_reported(job)
         return None
+
+    def _stop_unless_reported(self, job: Job) -> None:
+        """A leased job whose preparation failed here: the runner, which prepared it too, should have
+        failed the same way. Unless it says so soon, it may be running the task with what we could not
+        read (its secrets unknown here for redaction, its timeout unknown): it is stopped now."""
+        proc = job.attempt.proc
+        if proc.report_open and not proc.exited:
+            for fd in watch.wait_readable([proc.report_r], 0.05):
+                job.attempt.on_readable(fd, time.monotonic())
+        if job.attempt.done is None:
+            job.attempt.stop("its spec phase failed in the warm worker", job.prepare_failure.hint or "",
+                             time.monotonic(), 0.0)
 
     def _watch(self, job: Job, runner: Runner) -> None:
         job.runner = runner

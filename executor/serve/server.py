@@ -228,10 +228,13 @@ class Server:
                     os.close(lease["fd"])
                 worker.post({"op": "revoked", "pid": message["pid"]})
             elif event == "lease":
-                if message["fd"] >= 0 and worker.retiring:
+                if message["fd"] < 0:  # its descriptor did not reach us: the fork server stops lending
+                    worker.post({"op": "returned", "pid": message["pid"]})
+                elif worker.retiring:
                     os.close(message["fd"])
-                elif message["fd"] >= 0:
-                    worker.leases.append({"pid": message["pid"], "root": message["root"], "fd": message["fd"]})
+                else:
+                    worker.leases.append({"pid": message["pid"], "root": message["root"], "fd": message["fd"],
+                                          "capacity": message.get("capacity", 0)})
             elif event == "loading":
                 worker.loading = message["module"]
             elif event == "warm":
@@ -374,7 +377,7 @@ class Server:
         return {"server": _tree_rss([os.getpid()], children=False), "workers": _tree_rss(pids)}
 
 
-MAX_LEASED_FRAME = 48 << 10  # written into an empty pipe (64 KiB) under the lock: it must never block
+MAX_LEASED_FRAME = 48 << 10
 
 
 def _send_to_leased_runner(worker: Worker, record: Record) -> dict | None:
@@ -383,11 +386,11 @@ def _send_to_leased_runner(worker: Worker, record: Record) -> dict | None:
     it could not go (too large, or the runner died), and the fork server's usual path runs it."""
     from executor.serve.channel import frame, write_frame
 
-    lease = worker.leases[-1]
+    lease = worker.leases[-1]  # its pipe is empty: a frame within its capacity is written at once, never blocking the lock
     data = frame({"id": record.id, "root": lease["root"], "env": record.env, "invocation": record.invocation,
                   "attempt_no": 0, "prev_checkpoint": record.invocation.prev_checkpoint,
                   "direct": {"id": record.id, "token": record.token, "attempts": 1, "phases_ms": {}, "peak_rss": 0}})
-    if len(data) > MAX_LEASED_FRAME or worker.take_lease() is not lease:
+    if len(data) > min(MAX_LEASED_FRAME, lease["capacity"]) or worker.take_lease() is not lease:
         return None
     try:
         write_frame(lease["fd"], data)
