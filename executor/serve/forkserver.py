@@ -9,7 +9,8 @@ invocation is then
   2. run as one attempt: isolation "fork" forks a fresh child that takes the invocation's view
      (isolation.enter: env replaced, fresh cwd and TMPDIR, its own secrets) and runs
      execute.run_attempt; isolation "inprocess" hands it to a warm runner child that runs attempt
-     after attempt in itself;
+     after attempt in itself (or the server already did, through a runner leased to it: the runner
+     then prepares it itself, and this process attaches to the attempt it started);
   3. watched with executor.watch, the same watcher as the one-shot path (timeout with stack dump,
      cancel and shutdown as PREEMPTED, OOM, crashes, process-group kill, redacted output), and
      retried in place under the same policy;
