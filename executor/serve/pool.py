@@ -69,7 +69,7 @@ class Worker:
         self.warm = False
         self.loading: str | None = None  # the task module it is importing before it is warm
         self.retiring = False
-        self.leases: list[dict] = []  # idle in-process runners lent to us: {"pid", "root", "fd"} (see runner.py)
+        self.leases: list[dict] = []  # idle in-process runners lent to us: {"pid", "root", "fd", "capacity"} (runner.py)
         self.channel, fd = pair()
         self.results, results_fd = results_pair()  # in-process runners' successes, straight to us
         try:
