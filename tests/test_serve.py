@@ -526,6 +526,47 @@ def test_in_process_invocations_after_the_first_go_straight_to_a_leased_runner(s
     assert s.metric("executor_serve_inprocess_dispatch_total", path="worker") == 2
 
 
+_DROPPED_DESCRIPTOR = """
+import os, resource, select
+from executor.serve.channel import Channel, frame, pair
+ours, fd = pair()
+theirs = Channel.from_fd(fd)
+r, w = os.pipe()
+pad = 60000
+pad += (1 << 16) - 6 - len(frame({"event": "pad", "pad": "a" * pad}))
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+fillers = []
+try:
+    while True:
+        fillers.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+theirs.send({"event": "pad", "pad": "a" * pad})
+theirs.send_with_fd({"event": "lease", "pid": 1}, w)  # the first read ends 6 bytes into it, with its descriptor
+select.select([ours.sock], [], [])
+got = ours.pump()
+os.close(fillers.pop())
+theirs.send_with_fd({"event": "lease", "pid": 2}, r)
+while len(got) < 3:
+    select.select([ours.sock], [], [])
+    got += ours.pump()
+print([(m.get("pid"), m.get("fd")) for m in got])
+"""
+
+
+def test_a_lease_whose_descriptor_the_kernel_dropped_is_never_paired_with_another(tmp_path):
+    """Out of descriptors, the kernel drops the one sent with a lease (MSG_CTRUNC) but delivers its
+    frame; when that frame is completed by the read that brings the next lease's descriptor, the next
+    descriptor must stay with its own lease (the first gets -1: the server gives it back)."""
+    out = subprocess.run([sys.executable, "-c", _DROPPED_DESCRIPTOR], cwd=REPO, env=env_with(), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    import ast
+
+    (_, _), (first_pid, first_fd), (second_pid, second_fd) = ast.literal_eval(out.stdout)
+    assert (first_pid, first_fd) == (1, -1) and second_pid == 2 and second_fd >= 0
+
+
 @pytest.mark.parametrize("wait_for_revoke", [True, False])
 def test_a_leased_runner_that_dies_idle_costs_no_invocation(server, tmp_path, wait_for_revoke):
     """Killed while lent to the server: its lease is revoked once the fork server reaps it, and an
