@@ -64,18 +64,17 @@ class Channel:
     # --- sending -----------------------------------------------------------------------------------
 
     def send(self, message: dict) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        frame = len(data).to_bytes(_HEADER, "big") + data
+        data = frame(message)
         with self._lock:
             if self._closed:
                 raise Closed("closed")
             if not self.nonblocking:
                 try:
-                    self.sock.sendall(frame)
+                    self.sock.sendall(data)
                 except OSError as e:
                     raise Closed(str(e)) from None
                 return
-            self._pending += frame
+            self._pending += data
             self._flush_locked()
             if self._pending:
                 if self._flusher is None:
@@ -86,15 +85,14 @@ class Channel:
     def send_with_fd(self, message: dict, fd: int) -> None:
         """The worker's side (blocking): a message with a descriptor (a dup of it travels; `fd`
         stays ours). The receiver finds it as message["fd"]."""
-        data = pickle.dumps({**message, "fd": True}, protocol=pickle.HIGHEST_PROTOCOL)
-        frame = len(data).to_bytes(_HEADER, "big") + data
+        data = frame({**message, "fd": True})
         with self._lock:
             if self._closed or self.nonblocking:
                 raise Closed("closed" if self._closed else "descriptors go from a worker only")
             try:
-                sent = socket.send_fds(self.sock, [frame], [fd])
-                if sent < len(frame):
-                    self.sock.sendall(frame[sent:])
+                sent = socket.send_fds(self.sock, [data], [fd])
+                if sent < len(data):
+                    self.sock.sendall(data[sent:])
             except OSError as e:
                 raise Closed(str(e)) from None
 
@@ -194,6 +192,7 @@ def _close_all(fds: list[int]) -> None:
 
 
 def frame(message: dict) -> bytes:
+    """A message as it travels: its pickle's length, then the pickle."""
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     return len(data).to_bytes(_HEADER, "big") + data
 

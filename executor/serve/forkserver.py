@@ -91,7 +91,7 @@ class Job:
 
     @property
     def checkpoint_local(self) -> str:
-        return os.path.join(self.root, "checkpoint")
+        return isolation.checkpoint_dir(self.root)
 
 
 class ForkServer:
@@ -265,6 +265,12 @@ class ForkServer:
                 return
             self.leased[pid] = root
 
+    def _end_lease(self, pid: int | None) -> None:
+        """A lease that will not be used (given back, lost, or its runner gone): the root made for it goes."""
+        root = self.leased.pop(pid, None)
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+
     def _reclaim_for(self, job: Job) -> None:
         """An in-process job came our usual way while our idle runners are lent out (the server sent it
         before our lease reached it): ask for one back rather than fork another runner, whose module
@@ -275,9 +281,7 @@ class ForkServer:
     def _released(self, pid: int | None) -> None:
         """The server's answer to a reclaim: a lease given back unused, or None (all were in use: a
         runner is forked for the job)."""
-        root = self.leased.pop(pid, None) if pid is not None else None
-        if root is not None:
-            shutil.rmtree(root, ignore_errors=True)
+        self._end_lease(pid)
         if self.awaiting_reclaim:
             self.awaiting_runner.append(self.awaiting_reclaim.pop(0))  # launched by the loop, on it or a new one
 
@@ -339,7 +343,7 @@ class ForkServer:
                 self._released(message["pid"])
             elif op == "returned":  # never reached the server
                 self.lending = False
-                shutil.rmtree(self.leased.pop(message["pid"], ""), ignore_errors=True)
+                self._end_lease(message["pid"])
             elif op == "revoked":  # a leased runner that died: unused (else its invocation came first)
                 if message["pid"] in self.leased and message["pid"] in self.procs:
                     self._forget_proc(message["pid"])
@@ -446,9 +450,7 @@ class ForkServer:
                 self._forget_proc(pid)
 
     def _forget_proc(self, pid: int) -> None:
-        root = self.leased.pop(pid, None)  # a leased runner that died idle
-        if root is not None:
-            shutil.rmtree(root, ignore_errors=True)
+        self._end_lease(pid)  # a leased runner that died idle
         proc = self.procs.pop(pid)
         if proc.relay:
             proc.relay.drain()
@@ -463,10 +465,8 @@ class ForkServer:
         invocation = message["invocation"]
         lease = message.get("lease")  # {"pid", "root"}: the server already sent it to that runner
         root = lease["root"] if lease else os.path.join(self.work_dir, f"{_safe(message['id'])}-{os.getpid()}-{next(self._numbers)}")
-        env = dict(message["env"])
-        env["TMPDIR"] = os.path.join(root, "tmp")
-        view = isolation.View(message["id"], env, os.path.join(root, "work"), env["TMPDIR"])
-        job = Job(message["id"], invocation, env, message["isolation"], view, root,
+        view = isolation.View.in_root(message["id"], message["env"], root)
+        job = Job(message["id"], invocation, view.env, message["isolation"], view, root,
                   task_name=" ".join(invocation.resolver_args), prev_checkpoint=invocation.prev_checkpoint,
                   token=message.get("token", ""))
         self.jobs[job.id] = job

@@ -34,6 +34,18 @@ class View:
     redactions: list[str] = field(default_factory=list)
     bundle_root: str | None = None  # linked into cwd, as flytekit extracts the bundle into the working dir
 
+    @classmethod
+    def in_root(cls, invocation_id: str, env: dict[str, str], root: str, bundle_root: str | None = None) -> "View":
+        """The view of an invocation given its own root directory (work/, tmp/, checkpoint/ in it):
+        its env as given, plus TMPDIR."""
+        tmpdir = os.path.join(root, "tmp")
+        return cls(invocation_id, {**env, "TMPDIR": tmpdir}, os.path.join(root, "work"), tmpdir, bundle_root=bundle_root)
+
+
+def checkpoint_dir(root: str) -> str:
+    """The local checkpoint directory in an invocation's root."""
+    return os.path.join(root, "checkpoint")
+
 
 @contextlib.contextmanager
 def environment(env: dict[str, str], tmpdir: str | None = None):

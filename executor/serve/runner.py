@@ -135,12 +135,9 @@ def _prepare_leased(message: dict, diagnostics: Diagnostics, bundle_root: str | 
     when the lease was given. Returns the spec phase's TaskFailure, if any."""
     from executor.errors import TaskFailure
 
-    root = message["root"]
-    env = dict(message["env"])
-    env["TMPDIR"] = os.path.join(root, "tmp")
-    view = isolation.View(message["id"], env, os.path.join(root, "work"), env["TMPDIR"], bundle_root=bundle_root)
+    view = isolation.View.in_root(message["id"], message["env"], message["root"], bundle_root)
     invocation = without_bundle(message["invocation"])
-    message.update(view=view, invocation=invocation, checkpoint_local=os.path.join(root, "checkpoint"))
+    message.update(view=view, invocation=invocation, checkpoint_local=isolation.checkpoint_dir(message["root"]))
     try:
         isolation.prepare(view, invocation, diagnostics)
     except TaskFailure as failure:

@@ -179,12 +179,11 @@ class Server:
         record.token = os.urandom(8).hex()  # what a runner's direct result must carry to be believed
         message = {"op": "run", "id": record.id, "invocation": record.invocation, "env": record.env,
                    "isolation": record.isolation, "failure": failure, "token": record.token}
-        if failure is None and record.isolation == "inprocess" and worker.leases:
-            lease = _send_to_leased_runner(worker, record)
+        if failure is None and record.isolation == "inprocess":
+            lease = _send_to_leased_runner(worker, record) if worker.leases else None
             if lease is not None:
                 message["lease"] = {"pid": lease["pid"], "root": lease["root"]}  # the fork server watches it
-        if failure is None and record.isolation == "inprocess":
-            self.metrics.count("inprocess_dispatch", "leased" if "lease" in message else "worker")
+            self.metrics.count("inprocess_dispatch", "leased" if lease is not None else "worker")
         worker.post(message)
 
     def _fill_slots(self) -> None:
