@@ -18,9 +18,9 @@ Per size, shape and storage, three contenders, each a fresh process:
               into a fresh directory. The whole process, and the fetch + tar timed inside it.
   ours hit    the same ensure() on a cache that already holds the bundle.
 Every run is verified (exit status; the expected hit or miss; the extracted tree holds every file
-of the source with its size) and its data removed before the next; `sync` runs before each
-measured run so that one run's writeback does not land in the next, and after deleting a large tree
-the benchmark waits until ext4 reuses its inodes without checking them (see remove_tree). Contenders run round-robin
+of the source with its size) and its tree set aside (renamed into a trash directory emptied at the
+end: see Trash); `sync` runs before each measured run so that one run's writeback does not land in
+the next. Contenders run round-robin
 (the first one rotating), --runs times below 32 MiB, --mid-runs from 32 MiB, --large-runs from
 256 MiB; below 256 MiB after one unmeasured warm-up each (for ours cold, the run
 that fills the warm cache), from 256 MiB without (the first cold run fills the warm cache). One
@@ -258,28 +258,49 @@ class Store:
 
 # ------------------------------------------------------------------------------------ runs
 
-# ext4 without a journal (as this machine's / is) does not reuse an inode freed in the last 5 s (10 s
-# while its inode table block is dirty): to allocate one it checks every recently freed inode of
-# the block group against the inode table, so right after a run's tree of thousands of files is
-# deleted, every file the next run creates costs about 0.5 ms more, whoever runs next. A pod does
+# ext4 without a journal (as this machine's / is) does not reuse an inode freed in the last 60 s (300 s
+# while its inode table block is dirty; RECENTCY_MIN and RECENTCY_DIRTY in fs/ext4/ialloc.c since
+# Linux 5.7): to allocate one it checks every such free inode of the block group against the inode
+# table, so after a tree of thousands of files is deleted, every file created in the next minute costs
+# up to 0.5 ms more, whoever creates it (perf: find_get_block_common under recently_deleted). A pod does
 # not delete thousands of files just before it extracts its bundle (and journaled filesystems skip
-# that check), so after deleting a large tree the benchmark syncs and waits until its inodes are old.
-SETTLE_FILES = 500
-SETTLE_S = 6.0
+# that check), so the benchmark deletes no tree while it measures: each is renamed into a trash
+# directory, emptied at the end, or earlier when the disk runs short (then it waits SETTLE_S).
+SETTLE_S = 61.0
 
 
-def remove_tree(path: Path, files: int) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    if files >= SETTLE_FILES:
-        os.sync()
-        time.sleep(SETTLE_S)
+class Trash:
+    """Where measured runs' trees go instead of being deleted (see above)."""
 
+    def __init__(self, root: Path):
+        self.root = root
+        self.reserve = 0  # bytes to keep free for the next runs; below it, empty the trash first
+        self._count = 0
+
+    def put(self, path: Path) -> None:
+        if not path.exists():
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._count += 1
+        path.rename(self.root / f"{self._count:05d}")
+        if shutil.disk_usage(self.root).free < self.reserve:
+            self.empty(settle=True)
+
+    def empty(self, settle: bool = False) -> None:
+        if not self.root.exists():
+            return
+        _say(f"emptying the trash of measured trees{f', then waiting {SETTLE_S:g} s for ext4 to reuse their inodes' if settle else ''}")
+        shutil.rmtree(self.root, ignore_errors=True)
+        if settle:
+            os.sync()
+            time.sleep(SETTLE_S)
 
 
 class Bench:
     def __init__(self, spawner: Spawner, workdir: Path, plain_python: str):
         self.spawner = spawner
         self.workdir = workdir
+        self.trash = Trash(workdir / "trash")
         self.python = plain_python
         self._count = 0
 
@@ -325,7 +346,7 @@ class Bench:
             problem = check_tree(dest, manifest, extra={name})
             return Sample(wall, rss, not problem, problem, ensure_s=float(fields[0]))
         finally:
-            remove_tree(dest, manifest.count)
+            self.trash.put(dest)
 
 
 def measure_cell(bench: Bench, cell: Cell, store: Store, manifest: Manifest, runs: int, warm_up: bool,
@@ -340,7 +361,7 @@ def measure_cell(bench: Bench, cell: Cell, store: Store, manifest: Manifest, run
         try:
             return bench.ours(store, uri, root, manifest, expect_hit=False, tag=f"{tag}-{label}", **kw)
         finally:
-            remove_tree(root, manifest.count)
+            bench.trash.put(root)
 
     def run(contender: str, label: str) -> Sample:
         if contender == "cold":
@@ -373,7 +394,7 @@ def measure_cell(bench: Bench, cell: Cell, store: Store, manifest: Manifest, run
             sample = cold("profile", profile=True)
             cell.profile = _profile_summary(bench, sample)
     finally:
-        remove_tree(warm, manifest.count)
+        bench.trash.put(warm)
     _say(f"{tag}: cold {_ms(cell.median('cold'))}, baseline {_ms(cell.median('baseline'))}, "
          f"hit {_ms(cell.median('hit'))} (ensure() {_ms(cell.median('hit', 'ensure_s'), 2)})")
 
@@ -486,13 +507,14 @@ processes' whole wall times, spawn to exit (taken by the same tiny spawner as th
 benchmark), are in the table too: they add starting Python and the imports to both. For a hit
 the import of `executor.bundle.cache` is timed as well (a hit in a real pod pays it too). Every run
 is checked (exit status, the expected miss or hit, the name digest and on S3 the ETag verified, and
-the extracted tree holding every source file at its size) and its data removed; `sync` runs before
-each measured run so one run's writeback does not land in the next. After removing a tree of
-{SETTLE_FILES} files or more, the benchmark syncs and waits {SETTLE_S:g} s: ext4 without a journal (this
-machine's scratch filesystem) checks every inode freed in the last 5–10 s against its inode table
-before it allocates a new one, which made each file the next run created, ours or `tar`'s, cost about
-0.5 ms more. A pod does not delete thousands of files just before it extracts its bundle, and
-journaled filesystems skip that check. Below {LARGE_MIB} MiB: one
+the extracted tree holding every source file at its size); `sync` runs before each measured run so
+one run's writeback does not land in the next. No tree is deleted while the benchmark measures:
+each is renamed into a trash directory, emptied at the end (or, when the disk runs short, emptied
+and followed by a {SETTLE_S:g} s wait). ext4 without a journal (this machine's scratch filesystem)
+does not reuse an inode freed in the last 60 s: to allocate one it checks every such free inode
+against the inode table, so after a tree of thousands of files is deleted each file the next run
+creates, ours or `tar`'s, costs up to 0.5 ms more. A pod does not delete thousands of files just
+before it extracts its bundle, and journaled filesystems skip that check. Below {LARGE_MIB} MiB: one
 unmeasured warm-up per contender (for ours cold: the run that fills the warm cache), then `--runs`
 rounds (default 10), from {MID_MIB} MiB `--mid-runs` (default 5). From {LARGE_MIB} MiB: no warm-ups (the archive was just written, so it is in
 the page cache anyway; the first measured cold run fills the warm cache), `--large-runs` rounds
@@ -522,8 +544,8 @@ hit's `ensure()` takes under 10 ms at every size.
 
 `--sizes 1,64,512` (MiB), `--shapes small,large`, `--storage local,s3`, `--runs N` (default 10),
 `--mid-runs N` (default 5), `--large-runs N` (default 3), `--profile-size MiB` (default 64; 0: no profile), `--workdir DIR`
-(scratch space: about 5× the largest size is needed; a size that does not fit is skipped with the
-reason), `--write-readme` (rewrites this section of this file).
+(scratch space: about 5× the largest size is needed, and the trees of measured runs are kept until
+the end while the disk has room; a size that does not fit is skipped with the reason), `--write-readme` (rewrites this section of this file).
 
 ### Latest figures
 
@@ -621,14 +643,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stores(args.storages) as by_name, contextlib.closing(Spawner(cwd=workdir)) as spawner:
             bench = Bench(spawner, workdir, args.plain_python)
+
+            def free() -> int:
+                return min(shutil.disk_usage(workdir).free, shutil.disk_usage(tempfile.gettempdir()).free)
+
             for size_mib in sorted(args.size_list):
                 size = size_mib * MIB
                 # source + archive, then: archive + its copy in moto's temp files + warm cache + one run's
                 # download and extracted tree (about 3 archives + 2 trees); 5x the size covers both shapes.
                 need = 5 * size + 256 * MIB
-                free = min(shutil.disk_usage(workdir).free, shutil.disk_usage(tempfile.gettempdir()).free)
-                if free < need:
-                    reason = f"{size_mib} MiB skipped: {free / MIB:.0f} MiB free under {workdir}, about {need / MIB:.0f} MiB needed"
+                if free() < need:
+                    bench.trash.empty(settle=True)
+                bench.trash.reserve = need
+                if free() < need:
+                    reason = f"{size_mib} MiB skipped: {free() / MIB:.0f} MiB free under {workdir}, about {need / MIB:.0f} MiB needed"
                     _say(reason)
                     skipped.append(reason)
                     continue
@@ -647,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
                     if built.returncode != 0 or len(archives) != 1:
                         raise SystemExit(f"executor bundle build failed (exit {built.returncode}):\n{built.stderr}")
                     archive = archives[0]
-                    remove_tree(src, manifest.count)
+                    bench.trash.put(src)
                     for store in by_name.values():
                         if store.name == "local":
                             store.uri[(size_mib, shape)] = str(archive)

@@ -8,7 +8,7 @@ order. The bytes handed over but not yet written are capped, so memory stays bou
 
 The caller owns every decision about what may be written where; a lane only runs `open_file`
 (given by the caller) and os.write. The first error in any lane stops all of them and is raised
-in the caller's thread, by the next submit() or by wait().
+in the caller's thread, by a later submit() or by wait().
 """
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ import os
 
 LANES = 3
 BUDGET_BYTES = 32 << 20  # handed over but not yet written
+# Consecutive ops for one lane travel together, up to these: each hand-over costs a lock, a queue
+# put and often a thread wakeup, more than writing a small file's bytes.
+BATCH_BYTES = 256 << 10
+BATCH_OPS = 32
 
 
 class Writers:
@@ -36,6 +40,8 @@ class Writers:
         self._queues: list = []
         self._threads: list = []
         self._current = 0  # lane of the file being handed over
+        self._batch: list = []  # ops for the current lane, not handed over yet
+        self._batch_bytes = 0
         if lanes:
             import queue  # lanes only: a small bundle's extraction does not import them
             import threading
@@ -54,21 +60,36 @@ class Writers:
             self._inline_fd = self._write(self._inline_fd, open_args, pieces, last)
             return
         if open_args is not None:
-            self._current = hash(os.path.dirname(open_args[0])) % len(self._queues)
-            if self._threads[self._current].ident is None:
-                self._threads[self._current].start()  # lanes start with their first file: small bundles use few
+            lane = hash(os.path.dirname(open_args[0])) % len(self._queues)
+            if lane != self._current:
+                self._flush()
+                self._current = lane
+            if self._threads[lane].ident is None:
+                self._threads[lane].start()  # lanes start with their first file: small bundles use few
+        self._batch.append((open_args, pieces, last))
+        self._batch_bytes += size
+        if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= BATCH_OPS:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand the batched ops to the current lane, within the budget."""
+        if not self._batch:
+            return
+        batch, size = self._batch, self._batch_bytes
+        self._batch, self._batch_bytes = [], 0
         with self._changed:
             while self._pending and self._pending_bytes + size > self._budget and self._error is None:
                 self._changed.wait()
             self._raise_error()
             self._pending += 1
             self._pending_bytes += size
-        self._queues[self._current].put((open_args, pieces, last, size))
+        self._queues[self._current].put((batch, size))
 
     def wait(self) -> None:
         """Return once everything handed over is written (or raise the first error)."""
         if not self._queues:
             return  # inline: written within submit()
+        self._flush()
         with self._changed:
             while self._pending and self._error is None:
                 self._changed.wait()
@@ -82,11 +103,18 @@ class Writers:
         return self
 
     def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self._flush()  # nothing handed over is dropped, also without a wait()
+        finally:
+            self._stop(exc[1])
+
+    def _stop(self, error: BaseException | None) -> None:
         if self._inline_fd is not None:
             os.close(self._inline_fd)
-        if exc[0] is not None and self._queues:
+        if error is not None and self._queues:
             with self._changed:
-                self._error = self._error or exc[1]  # lanes skip whatever is still queued
+                self._error = self._error or error  # lanes skip whatever is still queued
         for q, thread in zip(self._queues, self._threads):
             if thread.ident is not None:  # started
                 q.put(None)
@@ -97,22 +125,22 @@ class Writers:
     def _lane(self, ops) -> None:
         fd = None
         while (op := ops.get()) is not None:
-            open_args, pieces, last, size = op
-            try:
-                if self._error is None:
-                    fd = self._write(fd, open_args, pieces, last)
-                elif last and fd is not None:
-                    os.close(fd)
-                    fd = None
-            except BaseException as e:
-                fd = None  # _write closed it
-                with self._changed:
-                    self._error = self._error or e
-            finally:
-                with self._changed:
-                    self._pending -= 1
-                    self._pending_bytes -= size
-                    self._changed.notify()
+            batch, size = op
+            for open_args, pieces, last in batch:
+                try:
+                    if self._error is None:
+                        fd = self._write(fd, open_args, pieces, last)
+                    elif last and fd is not None:
+                        os.close(fd)
+                        fd = None
+                except BaseException as e:
+                    fd = None  # _write closed it
+                    with self._changed:
+                        self._error = self._error or e
+            with self._changed:
+                self._pending -= 1
+                self._pending_bytes -= size
+                self._changed.notify()
         if fd is not None:
             os.close(fd)
 
