@@ -302,6 +302,35 @@ def test_writers_raise_the_first_lane_error_in_the_caller(tmp_path):
     assert _our_threads() == []
 
 
+def test_writers_write_every_file_handed_over_in_batches_also_without_a_wait(tmp_path):
+    from executor.bundle import writers as writers_module
+    from executor.bundle.writers import Writers
+
+    def open_file(target, mode):
+        return os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+
+    expected = {}
+    for d in ("a", "b", "c"):
+        (tmp_path / d).mkdir()
+    with Writers(open_file, lanes=2) as writers:
+        # One file larger than a batch, in pieces; then more small files per directory than a batch
+        # holds, interleaved across directories (lanes); the block is left without writers.wait().
+        big = os.urandom(writers_module.BATCH_BYTES * 3)
+        third = len(big) // 3
+        writers.submit((str(tmp_path / "c" / "big"), 0o644), [big[:third]], third, last=False)
+        writers.submit(None, [big[third:2 * third]], third, last=False)
+        writers.submit(None, [big[2 * third:]], len(big) - 2 * third, last=True)
+        expected[tmp_path / "c" / "big"] = big
+        for i in range(writers_module.BATCH_OPS * 2 + 5):
+            for d in ("a", "b"):
+                path = tmp_path / d / f"f{i}"
+                data = f"{d}{i}".encode() * (i + 1)
+                writers.submit((str(path), 0o644), [data[:3], memoryview(data)[3:]], len(data), last=True)
+                expected[path] = data
+    assert {p: p.read_bytes() for p in expected} == expected
+    assert _our_threads() == []
+
+
 @pytest.mark.parametrize("damage, error", [
     (lambda data: data[: len(data) // 2], EOFError),  # truncated
     (lambda data: data[:-8] + bytes([data[-8] ^ 1]) + data[-7:], ValueError),  # CRC-32 in the gzip trailer
