@@ -14,17 +14,23 @@ def scratch(name: str) -> str:
     return os.path.join(os.environ["SCRATCH"], name)
 
 
-def sleepy(seconds: int) -> int:
-    with open(scratch("started"), "w") as f:
+def mark_started() -> None:
+    """$SCRATCH/started holding this process's pid, whole once it exists (a test reads it at once)."""
+    path = scratch("started")
+    with open(path + ".tmp", "w") as f:
         f.write(str(os.getpid()))
+    os.rename(path + ".tmp", path)
+
+
+def sleepy(seconds: int) -> int:
+    mark_started()
     time.sleep(seconds)
     return seconds
 
 
 def stubborn(seconds: int) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with open(scratch("started"), "w") as f:
-        f.write(str(os.getpid()))
+    mark_started()
     time.sleep(seconds)
     return seconds
 
@@ -121,8 +127,7 @@ def saves_locally_then_sleeps(seconds: int) -> int:
 
     with open(os.path.join(current().local_dir, "state.txt"), "w") as f:
         f.write("halfway")
-    with open(scratch("started"), "w") as f:
-        f.write(str(os.getpid()))
+    mark_started()
     time.sleep(seconds)
     return seconds
 

@@ -7,6 +7,8 @@ import sys
 import tempfile
 import time
 
+from tests.sample_tasks.runtime import mark_started
+
 _calls = 0  # module state: must not carry over between isolated invocations
 
 
@@ -53,8 +55,7 @@ def record_run(x: int) -> int:
 
 
 def sleepy(seconds: float) -> float:
-    with open(_scratch("started"), "w") as f:
-        f.write(str(os.getpid()))
+    mark_started()
     time.sleep(seconds)
     return seconds
 
@@ -62,8 +63,7 @@ def sleepy(seconds: float) -> float:
 def until_released(seconds: float) -> float:
     """Runs until the test creates $SCRATCH/release (at most `seconds`): holds its invocation open
     exactly as long as a test needs, on a slow machine too."""
-    with open(_scratch("started"), "w") as f:
-        f.write(str(os.getpid()))
+    mark_started()
     deadline = time.monotonic() + seconds
     while not os.path.exists(_scratch("release")) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -72,8 +72,7 @@ def until_released(seconds: float) -> float:
 
 def stubborn(seconds: float) -> float:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with open(_scratch("started"), "w") as f:
-        f.write(str(os.getpid()))
+    mark_started()
     time.sleep(seconds)
     return seconds
 
