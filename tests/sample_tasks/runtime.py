@@ -14,12 +14,16 @@ def scratch(name: str) -> str:
     return os.path.join(os.environ["SCRATCH"], name)
 
 
-def mark_started() -> None:
-    """$SCRATCH/started holding this process's pid, whole once it exists (a test reads it at once)."""
-    path = scratch("started")
+def mark(name: str, text: str) -> None:
+    """$SCRATCH/<name> holding text, whole once it exists: a test reads it as soon as it appears."""
+    path = scratch(name)
     with open(path + ".tmp", "w") as f:
-        f.write(str(os.getpid()))
+        f.write(text)
     os.rename(path + ".tmp", path)
+
+
+def mark_started() -> None:
+    mark("started", str(os.getpid()))
 
 
 def sleepy(seconds: int) -> int:
@@ -40,16 +44,14 @@ def forks_grandchildren(seconds: int) -> int:
     for _ in range(2):
         pids.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]).pid)
     detached = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True).pid
-    with open(scratch("grandchildren"), "w") as f:
-        f.write(" ".join(map(str, pids + [detached])))
+    mark("grandchildren", " ".join(map(str, pids + [detached])))
     time.sleep(seconds)
     return seconds
 
 
 def leaves_background_process(x: int) -> int:
     pid = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]).pid
-    with open(scratch("grandchildren"), "w") as f:
-        f.write(str(pid))
+    mark("grandchildren", str(pid))
     return x
 
 
