@@ -203,7 +203,7 @@ def test_each_invocation_sees_only_its_own_env(server, tmp_path):
                env={"PASSED": "from-server", "PREFIX_A": "a", "NOT_PASSED": "hidden", "OVERRIDDEN": "server"})
     bodies = [
         invocation(tmp_path, f"env-{i}", "env_of", {"names": "MINE,PASSED,PREFIX_A,NOT_PASSED,OVERRIDDEN,PATH"},
-                   env={"MINE": f"value-{i}", **({"OVERRIDDEN": "request"} if i == 0 else {})}, isolation=iso)
+                   env={"MINE": f"välue-{i} ✓", **({"OVERRIDDEN": "request"} if i == 0 else {})}, isolation=iso)
         for i, iso in enumerate(["fork", "fork", "inprocess", "inprocess"])
     ]
     for body in bodies:
@@ -211,7 +211,7 @@ def test_each_invocation_sees_only_its_own_env(server, tmp_path):
     for i, body in enumerate(bodies):
         assert s.wait_done(body["id"])["result"]["outcome"] == "success"
         seen = output_value(tmp_path, body["id"])["values"]
-        assert seen["MINE"] == f"value-{i}"
+        assert seen["MINE"] == f"välue-{i} ✓"  # not ASCII: as os.environ encodes it
         assert seen["PASSED"] == "from-server" and seen["PREFIX_A"] == "a"
         assert seen["NOT_PASSED"] == "<unset>" and seen["PATH"] == "<unset>"  # replaced, not merged
         assert seen["OVERRIDDEN"] == ("request" if i == 0 else "<unset>")
@@ -524,6 +524,46 @@ def test_in_process_invocations_after_the_first_go_straight_to_a_leased_runner(s
     assert large["worker_pid"] == runner and output_value(tmp_path, "large")["values"]["BIG"] == "x" * (80 << 10)
     assert s.metric("executor_serve_inprocess_dispatch_total", path="leased") == 5
     assert s.metric("executor_serve_inprocess_dispatch_total", path="worker") == 2
+
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+def test_an_invocation_is_held_for_the_lease_of_the_runner_that_just_answered(server, tmp_path, cancel):
+    """A runner that answered the server itself is lent again before its fork server reports the attempt.
+    An in-process invocation arriving in between is held for that lease rather than sent through the fork
+    server (frozen here), which would have to ask for the lease back; once the lease comes it goes straight
+    to that runner. Cancelled while held, it never runs: PREEMPTED, with exactly one error.pb."""
+    s = server("--concurrency", "1")
+    runner = s.run(invocation(tmp_path, "first", "add", {"a": 1, "b": 2}, isolation="inprocess"))["worker_pid"]
+    wait_for(lambda: s.metric("executor_serve_leased_runners") == 1, what="the runner lent to the server")
+    import psutil
+
+    forkserver = psutil.Process(runner).ppid()
+    os.kill(forkserver, signal.SIGSTOP)
+    try:
+        answered = s.run(invocation(tmp_path, "answered", "add", {"a": 2, "b": 2}, isolation="inprocess"), timeout=30)
+        assert answered["result"]["outcome"] == "success" and answered["worker_pid"] == runner
+        held = invocation(tmp_path, "held", "env_of", {"names": "HELD"}, env={"HELD": "ran"}, isolation="inprocess")
+        assert s.post(held)[0] == 202
+        time.sleep(0.3)
+        assert s.get("held")[1]["state"] == "running"
+        assert s.metric("executor_serve_inprocess_dispatch_total", path="worker") == 1  # only "first": held, not sent
+        if cancel:
+            assert s.request("DELETE", "/invocations/held")[0] == 202
+    finally:
+        os.kill(forkserver, signal.SIGCONT)
+    record = s.wait_done("held", timeout=30)
+    if cancel:
+        assert record["result"]["error"]["code"] == "PREEMPTED" and "before it started" in record["result"]["error"]["message"]
+        assert out_files(tmp_path, "held") == ["error.pb"]
+        assert s.metric("executor_serve_inprocess_dispatch_total", path="leased") == 1
+    else:
+        assert record["result"]["outcome"] == "success" and record["worker_pid"] == runner
+        assert output_value(tmp_path, "held")["values"] == {"HELD": "ran"} and out_files(tmp_path, "held") == ["outputs.pb"]
+        assert s.metric("executor_serve_inprocess_dispatch_total", path="leased") == 2
+    assert s.metric("executor_serve_inprocess_dispatch_total", path="worker") == 1
+    after = s.run(invocation(tmp_path, "after", "add", {"a": 3, "b": 3}, isolation="inprocess"))
+    assert after["worker_pid"] == runner and output_value(tmp_path, "after") == 6
 
 
 _DROPPED_DESCRIPTOR = """

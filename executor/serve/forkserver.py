@@ -184,8 +184,8 @@ class ForkServer:
                 self._read_zygote()
             else:
                 self._on_proc_readable(owner, fd)
+        self._finish_reported()  # now, not at the next turn: its runner is lent again before anything else
         if from_server:
-            self._finish_reported()
             self._read_channel()
 
     def _finish_reported(self) -> None:
@@ -723,6 +723,9 @@ class ForkServer:
                 result = execute.report(job.invocation, attempt, job.diagnostics)
         else:
             result = execute.report(job.invocation, attempt, job.diagnostics)
+        # Its runner, idle now, is lent before the report goes: a server holding an invocation back for
+        # that runner's lease (Server._dispatch) knows, once it has the report, that no lease follows.
+        self._lease_idle_runners()
         self._send({
             "event": "done", "id": job.id, "token": job.token, "rss": isolation.current_rss(), "pid": job.pid,
             "result": runner_module.result_json(result, attempt, job.attempt_no + 1, job.diagnostics.phases_ms,

@@ -57,8 +57,7 @@ def environment(env: dict[str, str], tmpdir: str | None = None):
     """
     data = os.environ._data
     saved, saved_tempdir = data.copy(), tempfile.tempdir
-    encode_key, encode_value = os.environ.encodekey, os.environ.encodevalue
-    start = {encode_key(k): encode_value(v) for k, v in env.items()}
+    start = _encoded(env)
     data.clear()
     data.update(start)
     tempfile.tempdir = tmpdir
@@ -90,7 +89,7 @@ def prepare(view: View, invocation, diagnostics):
     try:
         with environment(view.env, view.tmpdir):
             spec = supervisor.load_spec(invocation, diagnostics)
-            view.env = dict(os.environ)
+            view.env = _decoded(os.environ._data)
     finally:
         view.redactions = logs._redactions
         logs._redactions = saved
@@ -114,12 +113,31 @@ def enter(view: View) -> None:
 
 
 def _replace_environ(env: dict[str, str]) -> None:
-    current = os.environ
-    for name in [k for k in current if k not in env]:
-        del current[name]
-    for name, value in env.items():
-        if current.get(name) != value:
-            current[name] = value
+    data = os.environ._data
+    target = _encoded(env)
+    for name in [k for k in data if k not in target]:
+        os.unsetenv(name)
+        del data[name]
+    for name, value in target.items():
+        if data.get(name) != value:
+            os.putenv(name, value)
+            data[name] = value
+
+
+# os.environ's own mapping holds bytes, and goes through a Python call per key and value to convert;
+# an invocation's env (the server's, ~40 variables) is converted several times per invocation.
+_FS_ENCODING = sys.getfilesystemencoding()
+
+
+def _encoded(env: dict[str, str]) -> dict[bytes, bytes]:
+    """As os.environ stores it (POSIX)."""
+    encoding = _FS_ENCODING
+    return {k.encode(encoding, "surrogateescape"): v.encode(encoding, "surrogateescape") for k, v in env.items()}
+
+
+def _decoded(data: dict[bytes, bytes]) -> dict[str, str]:
+    encoding = _FS_ENCODING
+    return {k.decode(encoding, "surrogateescape"): v.decode(encoding, "surrogateescape") for k, v in data.items()}
 
 
 def die_with_parent() -> None:

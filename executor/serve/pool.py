@@ -70,6 +70,10 @@ class Worker:
         self.loading: str | None = None  # the task module it is importing before it is warm
         self.retiring = False
         self.leases: list[dict] = []  # idle in-process runners lent to us: {"pid", "root", "fd", "capacity"} (runner.py)
+        # Ids whose runner told us of its success and whose report from the fork server has not come yet:
+        # that runner is idle, and its lease (if it is lent again) comes before that report.
+        self.lease_expected: set[str] = set()
+        self.held: collections.deque = collections.deque()  # (record, message): in-process ones waiting for such a lease
         self.channel, fd = pair()
         self.results, results_fd = results_pair()  # in-process runners' successes, straight to us
         try:
@@ -127,6 +131,22 @@ class Worker:
             except Exception as e:  # a bug, or a malformed message: never the end of this reader
                 logs.error("a warm worker's message could not be handled", pool=self.key, pid=self.pid,
                            event=str(message.get("event")), reason=f"{type(e).__name__}: {e}")
+
+    def hold(self, record, message: dict) -> bool:
+        """Hold an in-process invocation back for a lease on its way (True), rather than send it through
+        the fork server, whose runners are all lent or busy: it would have to ask for one back."""
+        if self.leases or self.retiring or len(self.held) >= len(self.lease_expected):
+            return False
+        self.held.append((record, message))
+        return True
+
+    def unhold(self, record) -> dict | None:
+        """Its message, if that invocation is held back (no longer)."""
+        for entry in self.held:
+            if entry[0] is record:
+                self.held.remove(entry)
+                return entry[1]
+        return None
 
     def take_lease(self) -> dict | None:
         """An idle runner to send one in-process invocation to, if one was lent (under the server's lock)."""

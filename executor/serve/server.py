@@ -134,7 +134,10 @@ class Server:
                     self._dispatch(record, failure=(code, message + " before it started", hint))
                 else:
                     worker = self._worker_of(record)
-                    if worker is not None:
+                    held = worker.unhold(record) if worker is not None else None
+                    if held is not None:  # the fork server has not heard of it: it only reports this
+                        worker.post({**held, "failure": (code, message + " before it started", hint)})
+                    elif worker is not None:
                         worker.post({"op": "cancel", "id": record.id, "message": message, "hint": hint})
             return Answer(202, record.to_json(), record)
 
@@ -179,12 +182,24 @@ class Server:
         record.token = os.urandom(8).hex()  # what a runner's direct result must carry to be believed
         message = {"op": "run", "id": record.id, "invocation": record.invocation, "env": record.env,
                    "isolation": record.isolation, "failure": failure, "token": record.token}
-        if failure is None and record.isolation == "inprocess":
-            lease = _send_to_leased_runner(worker, record) if worker.leases else None
-            if lease is not None:
-                message["lease"] = {"pid": lease["pid"], "root": lease["root"]}  # the fork server watches it
-            self.metrics.count("inprocess_dispatch", "leased" if lease is not None else "worker")
+        if failure is not None or record.isolation != "inprocess":
+            worker.post(message)
+        elif not worker.hold(record, message):
+            self._send_inprocess(worker, record, message)
+
+    def _send_inprocess(self, worker: Worker, record: Record, message: dict) -> None:
+        """Straight to a runner lent to us if there is one (the fork server is told), else through the fork server."""
+        lease = _send_to_leased_runner(worker, record) if worker.leases else None
+        if lease is not None:
+            message["lease"] = {"pid": lease["pid"], "root": lease["root"]}  # the fork server watches it
+        self.metrics.count("inprocess_dispatch", "leased" if lease is not None else "worker")
         worker.post(message)
+
+    def _send_held(self, worker: Worker) -> None:
+        """Held invocations, each once a lease came for it or once no lease is expected for it any more."""
+        while worker.held and (worker.leases or len(worker.held) > len(worker.lease_expected)):
+            record, message = worker.held.popleft()
+            self._send_inprocess(worker, record, message)
 
     def _fill_slots(self) -> None:
         while self.queue and self.running < self.settings.slots and self.state != DRAINING:
@@ -201,6 +216,7 @@ class Server:
                 record = self.registry.get(message.get("id"))
                 if _believable(message, record, worker):
                     worker.in_flight.discard(record.id)
+                    worker.lease_expected.add(record.id)
                     record.worker_pid = message.get("pid")
                     finished = self._finish(record, message["result"])
                     self._fill_slots()
@@ -210,11 +226,13 @@ class Server:
                     record = None  # a report of an earlier invocation with this id (since forgotten)
                 else:
                     worker.in_flight.discard(message["id"])
+                    worker.lease_expected.discard(message["id"])
                 worker.rss = message.get("rss", worker.rss)
                 if record is not None and record.state != DONE:
                     record.worker_pid = message.get("pid")
                     finished = self._finish(record, message["result"])
                 self.pools.after_done(worker)
+                self._send_held(worker)
                 self._fill_slots()
             elif event == "reclaim":  # its usual path needs a runner back: an unused lease, if we have one
                 lease = worker.take_lease()
@@ -234,6 +252,7 @@ class Server:
                 else:
                     worker.leases.append({"pid": message["pid"], "root": message["root"], "fd": message["fd"],
                                           "capacity": message.get("capacity", 0)})
+                    self._send_held(worker)
             elif event == "loading":
                 worker.loading = message["module"]
             elif event == "warm":
@@ -319,6 +338,9 @@ class Server:
         with self.lock:
             code, message, hint = SHUTDOWN
             for worker in self.pools.all():
+                while worker.held:  # not started: reported as such, ahead of the stop
+                    _, held = worker.held.popleft()
+                    worker.post({**held, "failure": (code, message.format(signal=self.stop_signal) + " before it started", hint)})
                 if worker.in_flight:
                     worker.post({"op": "stop_all", "message": message.format(signal=self.stop_signal), "hint": hint,
                                  "grace": grace})
