@@ -459,6 +459,22 @@ def test_template_env_applies_to_its_invocation_only(server, tmp_path):
     assert output_value(tmp_path, "plain")["values"] == {"FROM_TEMPLATE": "<unset>"}
 
 
+@pytest.mark.parametrize("isolation", ["fork", "inprocess"])
+def test_template_env_equal_to_the_invocations_own_never_reaches_later_children(server, tmp_path, isolation):
+    """The TaskTemplate sets a variable to the value the invocation already gave it: the spec phase
+    (in the fork server) puts it into the C-level environment all the same, and it must go again, or
+    every process forked after it (runners, and the programs tasks start) would inherit it."""
+    s = server("--concurrency", "1")
+    template = ["--task-template", str(_template(tmp_path / "t.pb", env={"SAME_VALUE": "given"}))]
+    given = s.run(invocation(tmp_path, "given", "env_of_a_child", {"names": "SAME_VALUE"}, env={"SAME_VALUE": "given"},
+                             extra=template, isolation=isolation))
+    assert given["result"]["outcome"] == "success"
+    assert output_value(tmp_path, "given")["values"] == {"SAME_VALUE": "given"}
+    for i in range(3):  # whichever runner or spare each comes to, forked before or after `given`
+        s.run(invocation(tmp_path, f"later-{i}", "env_of_a_child", {"names": "SAME_VALUE"}, isolation=isolation))
+        assert output_value(tmp_path, f"later-{i}")["values"] == {"SAME_VALUE": "<unset>"}, i
+
+
 def test_async_task_in_process(server, tmp_path):
     s = server()
     record = s.run(invocation(tmp_path, "async", "async_add", {"a": 2, "b": 3}, isolation="inprocess"))

@@ -184,9 +184,10 @@ class ForkServer:
                 self._read_zygote()
             else:
                 self._on_proc_readable(owner, fd)
+        if from_server:  # read now, handled after the finished attempts: their runners may be for it
+            self._pump_channel()
         self._finish_reported()  # now, not at the next turn: its runner is lent again before anything else
-        if from_server:
-            self._read_channel()
+        self._handle()
 
     def _finish_reported(self) -> None:
         """Attempts whose report came in with the server's message: finished first, so that a runner
@@ -243,7 +244,7 @@ class ForkServer:
         straight into the runner's job pipe (and tells us), so the caller does not wait on this process.
         A lease is given back only by its use; a runner is leased again once its attempt is over here."""
         if (not self.warm or not self.lending or self.results_fd < 0 or self.exiting or self.server_lost
-                or self.awaiting_runner or self.awaiting_reclaim):
+                or self.awaiting_runner or self.awaiting_reclaim or self._inbox_awaits_runner()):
             return  # a runner that is free now goes to the jobs waiting for one
         for pid, runner in list(self.runners.items()):
             if not self._is_idle_runner(pid, runner):
@@ -316,13 +317,16 @@ class ForkServer:
                 times.append(job.retry_at - now)
         return max(0.0, min(times))
 
-    def _read_channel(self) -> None:
+    def _pump_channel(self) -> None:
         try:
             self._inbox.extend(self.channel.pump())
         except Closed:
             self._lose_server()
-            return
-        self._handle()
+
+    def _inbox_awaits_runner(self) -> bool:
+        """An in-process invocation the server sent our usual way, not yet handled: an idle runner is its."""
+        return any(m["op"] == "run" and m.get("isolation") == "inprocess" and not m.get("lease")
+                   and not m.get("failure") for m in self._inbox)
 
     def _handle(self) -> None:
         """The server's messages, one at a time off the inbox (a child forked for one of them is not

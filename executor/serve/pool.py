@@ -70,9 +70,10 @@ class Worker:
         self.loading: str | None = None  # the task module it is importing before it is warm
         self.retiring = False
         self.leases: list[dict] = []  # idle in-process runners lent to us: {"pid", "root", "fd", "capacity"} (runner.py)
-        # Ids whose runner told us of its success and whose report from the fork server has not come yet:
-        # that runner is idle, and its lease (if it is lent again) comes before that report.
-        self.lease_expected: set[str] = set()
+        # (id, token) of invocations whose runner told us of its success and whose report from the fork
+        # server has not come yet: that runner is idle, and its lease (if it is lent again) comes before
+        # that report. The token tells a re-POST of a forgotten id from the invocation that report is about.
+        self.lease_expected: set[tuple[str, str]] = set()
         self.held: collections.deque = collections.deque()  # (record, message): in-process ones waiting for such a lease
         self.channel, fd = pair()
         self.results, results_fd = results_pair()  # in-process runners' successes, straight to us

@@ -216,17 +216,17 @@ class Server:
                 record = self.registry.get(message.get("id"))
                 if _believable(message, record, worker):
                     worker.in_flight.discard(record.id)
-                    worker.lease_expected.add(record.id)
+                    worker.lease_expected.add((record.id, record.token))
                     record.worker_pid = message.get("pid")
                     finished = self._finish(record, message["result"])
                     self._fill_slots()
             elif event == "done":
+                worker.lease_expected.discard((message["id"], message.get("token", "")))
                 record = self.registry.get(message["id"])
                 if record is not None and message.get("token", record.token) != record.token:
                     record = None  # a report of an earlier invocation with this id (since forgotten)
                 else:
                     worker.in_flight.discard(message["id"])
-                    worker.lease_expected.discard(message["id"])
                 worker.rss = message.get("rss", worker.rss)
                 if record is not None and record.state != DONE:
                     record.worker_pid = message.get("pid")

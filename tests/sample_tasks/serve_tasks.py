@@ -29,6 +29,16 @@ def env_of(names: str) -> dict:
     return {"values": {n: os.environ.get(n, "<unset>") for n in names.split(",")}, "count": len(os.environ)}
 
 
+def env_of_a_child(names: str) -> dict:
+    """The values of the comma-separated variables as a program the task starts sees them: the
+    process's C-level environment, which os.environ may not show."""
+    import subprocess
+
+    seen = dict(line.split("=", 1) for line in subprocess.run(["env"], capture_output=True, text=True, check=True)
+                .stdout.splitlines() if "=" in line)
+    return {"values": {n: seen.get(n, "<unset>") for n in names.split(",")}}
+
+
 def count_calls(x: int) -> int:
     global _calls
     _calls += 1
