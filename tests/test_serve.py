@@ -1024,6 +1024,28 @@ def test_a_second_sigterm_stops_what_runs_at_once(server, tmp_path):
     assert "stopping what still runs" in log and "invocations unreported" not in log
 
 
+def test_a_flood_of_signals_during_the_drain_never_hangs_the_server(server, tmp_path):
+    """Signals arrive at any instant of the main loop, also while it holds a lock of its own: the
+    handler must take none (a threading.Event set from it deadlocked the server now and then)."""
+    s = server("--concurrency", "1", "--grace", "600")
+    assert s.post(invocation(tmp_path, "a", "stubborn", {"seconds": 300.0}, env=scratch_env(tmp_path, "a")))[0] == 202
+    wait_for(lambda: (tmp_path / "scratch-a" / "started").exists(), what="the task to start")
+    sent, until = 0, time.monotonic() + 3  # the second signal stops the task: SIGKILLed half a stop window later
+    while time.monotonic() < until and s.proc.poll() is None:
+        try:
+            os.kill(s.proc.pid, (signal.SIGTERM, signal.SIGINT)[sent % 2])
+        except ProcessLookupError:
+            break
+        sent += 1
+    try:
+        code = s.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the server hung after {sent} signals") from None
+    assert code == 0 and sent > 100, (code, sent, s.log()[-3000:])
+    error = error_doc(tmp_path, "a")
+    assert error.code == "PREEMPTED" and out_files(tmp_path, "a") == ["error.pb"]
+
+
 # --- JSON lines ----------------------------------------------------------------------------------
 
 

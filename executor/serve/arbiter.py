@@ -5,7 +5,9 @@ Signals (as gunicorn's arbiter, one table):
 from __future__ import annotations
 
 import os
+import select
 import signal
+import socket
 import threading
 import time
 
@@ -26,14 +28,28 @@ class Arbiter:
     def __init__(self, settings):
         self.settings = settings
         self.signals: list[int] = []
-        self.wake = threading.Event()
+        # The loop sleeps on a socket the C-level handler writes to (signal.set_wakeup_fd). Not a
+        # threading.Event: set() from a Python handler takes the lock that the interrupted wait() may
+        # hold in this same thread: the server hung on SIGTERM (or, under a flood of signals, nested
+        # handlers blocked on that lock until a RecursionError killed it).
+        self._wake_r, self._wake_w = socket.socketpair()
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
 
     def _on_signal(self, signum, frame) -> None:
-        self.signals.append(signum)
-        self.wake.set()
+        self.signals.append(signum)  # no lock: the loop acts on it
+
+    def _sleep(self, seconds: float) -> None:
+        if select.select([self._wake_r], [], [], seconds)[0]:
+            try:
+                while self._wake_r.recv(512):
+                    pass
+            except BlockingIOError:
+                pass
 
     def run(self) -> int:
         settings = self.settings
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         for s in SIGNALS:
             signal.signal(s, self._on_signal)
         stdin = stdout = None
@@ -67,14 +83,15 @@ class Arbiter:
                 httpd.server_close()
             core.close()
             logs.info("server stopped")
+            for s in SIGNALS:  # the exit status is decided: a late signal must not turn it into a kill
+                signal.signal(s, signal.SIG_IGN)
 
     def _loop(self, core: Server, frontend) -> int:
         settings = self.settings
         drain_started = stop_at = exit_at = None
         stopped = False
         while True:
-            self.wake.wait(0.25)
-            self.wake.clear()
+            self._sleep(0.25)
             now = time.monotonic()
             if self.signals and drain_started is None:
                 name = signal.Signals(self.signals[0]).name
