@@ -543,6 +543,61 @@ def test_in_process_invocations_after_the_first_go_straight_to_a_leased_runner(s
 
 
 
+def _sched_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
+def _states(pid: int, samples: int = 10) -> set[str]:
+    seen = set()
+    for _ in range(samples):
+        seen.add(_sched_state(pid))
+        time.sleep(0.02)
+    return seen
+
+
+def test_an_idle_in_process_runner_polls_for_its_next_invocation_only_as_long_as_told(server, tmp_path):
+    """--runner-spin-us: after an attempt an in-process runner polls its job pipe (runnable all along),
+    reads an invocation that comes meanwhile, and sleeps on the pipe once the time is up."""
+    spinning = server("--concurrency", "1", "--runner-spin-us", "60000000")
+    runner = spinning.run(invocation(tmp_path, "first", "add", {"a": 1, "b": 2}, isolation="inprocess"))["worker_pid"]
+    assert _states(runner) == {"R"}  # polling, not asleep
+    wait_for(lambda: spinning.metric("executor_serve_leased_runners") == 1, what="the runner lent to the server")
+    record = spinning.run(invocation(tmp_path, "during", "add", {"a": 2, "b": 3}, isolation="inprocess"))
+    assert record["worker_pid"] == runner and output_value(tmp_path, "during") == 5
+    spinning.kill()
+
+    brief = server("--concurrency", "1", "--runner-spin-us", "50000")
+    runner = brief.run(invocation(tmp_path, "brief", "add", {"a": 1, "b": 1}, isolation="inprocess"))["worker_pid"]
+    wait_for(lambda: _sched_state(runner) == "S", what="the runner asleep once its 50 ms are up")
+    assert _states(runner) == {"S"}
+    assert brief.run(invocation(tmp_path, "woken", "add", {"a": 3, "b": 3}, isolation="inprocess"))["worker_pid"] == runner
+    assert output_value(tmp_path, "woken") == 6
+
+
+def test_await_job_returns_when_there_is_input_or_the_time_is_up():
+    from executor.serve.runner import await_job
+
+    r, w = os.pipe()
+    try:
+        started = time.monotonic()
+        assert await_job(r, 0.05) is False and time.monotonic() - started >= 0.05
+        os.write(w, b"x")
+        assert await_job(r, 60) is True  # already there
+        os.read(r, 1)
+        threading.Timer(0.05, os.write, (w, b"y")).start()
+        started = time.monotonic()
+        assert await_job(r, 60) is True and time.monotonic() - started < 30  # came meanwhile
+        os.read(r, 1)
+        os.close(w)
+        w = -1
+        assert await_job(r, 60) is True  # the end of input (a retiring runner): nothing to wait for
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
 @pytest.mark.parametrize("cancel", [False, True])
 def test_an_invocation_is_held_for_the_lease_of_the_runner_that_just_answered(server, tmp_path, cancel):
     """A runner that answered the server itself is lent again before its fork server reports the attempt.
@@ -1146,7 +1201,7 @@ def test_serve_help_lists_every_setting_with_its_env_var():
 
 
 def test_usage_errors_of_serve_itself_exit_2(tmp_path):
-    for args in (["--listen", "nowhere"], ["--isolation", "none"], ["--bogus"]):
+    for args in (["--listen", "nowhere"], ["--isolation", "none"], ["--runner-spin-us", "-1"], ["--bogus"]):
         proc = subprocess.run([sys.executable, "-m", "executor", "serve", *args], env=env_with(), cwd=str(REPO),
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and "executor serve" in proc.stderr, (args, proc.stderr)

@@ -101,6 +101,7 @@ class ForkServer:
         self.work_dir = config["work_dir"]
         self.max_runner_invocations = config.get("max_invocations_per_worker", 0)
         self.max_runner_rss = config.get("max_worker_rss", 0)
+        self.runner_spin = config.get("runner_spin", 0.0)  # seconds an idle in-process runner polls its job pipe
         self.jobs: dict[str, Job] = {}
         self.procs: dict[int, watch.Supervised] = {}  # every child until its pipes are closed
         self.busy: dict[int, Job] = {}  # pid -> the job whose attempt runs in it now
@@ -806,7 +807,7 @@ class ForkServer:
                                     close=[fd for fd in self._own_fds() if fd != results_fd],
                                     forget=lambda: self._forget_everything_but(None),
                                     rehearse=rehearse, scratch_dir=self.work_dir, results_fd=results_fd,
-                                    bundle_root=self.bundle_root)
+                                    bundle_root=self.bundle_root, spin=0.0 if one_shot else self.runner_spin)
         self.procs[runner.proc.pid] = runner.proc
         self.runners[runner.proc.pid] = runner
         return runner

@@ -71,6 +71,7 @@ class Server:
             "work_dir": self.work_dir,
             "max_invocations_per_worker": settings.max_invocations_per_worker,
             "max_worker_rss": settings.max_worker_rss_mib * 2**20,
+            "runner_spin": settings.runner_spin_us / 1e6,
         }
         self.pools = Pools(settings, config, self._on_worker_message, self._on_worker_exit)
         self.queue: collections.deque[Record] = collections.deque()
